@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
+
+.PHONY: install test test-slow demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first, as the CPU wheel, so nothing pulls a multi-GB CUDA build.
+$(STAMP): $(BIN)/python requirements-test.txt pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+demo: $(STAMP)
+	$(BIN)/python -m ip2p_jax.demo
+
+clean:
+	rm -rf $(VENV)

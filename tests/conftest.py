@@ -1,0 +1,8 @@
+import os
+import sys
+
+# Tests run on CPU in fp32; keep XLA from grabbing all threads' memory on small machines.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # `import tiny`
