@@ -6,6 +6,7 @@ parameter conversion is a table of renames (see ip2p_jax.weights.naming).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import jax
@@ -75,8 +76,9 @@ def attention(
 
 
 def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm computed in fp32 (as PyTorch autocast does), output cast to `dtype`."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+    """GroupNorm with fp32 two-pass statistics (as PyTorch autocast does), output cast to `dtype`."""
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
@@ -85,7 +87,7 @@ def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=
 
 
 def activation(name: str):
-    table = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+    table = {"silu": nn.silu, "swish": nn.silu, "gelu": partial(nn.gelu, approximate=False), "relu": nn.relu}
     if name not in table:
         raise ValueError(f"unsupported act_fn {name!r}; supported: {sorted(table)}")
     return table[name]

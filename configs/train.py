@@ -1,0 +1,165 @@
+"""Training recipes for `ip2p train --config configs/train.py:PRESET --workdir DIR [--config.key=value ...]`.
+
+Presets:
+  sd15    the paper's recipe: init from Stable Diffusion 1.5 (conv_in widened to 8 channels),
+          256^2, AdamW lr 1e-4 constant, effective batch 1024 (here: global batch 1024 = per-update
+          examples; split into grad_accum micro-batches to fit memory), EMA 0.9999, conditioning
+          dropout 0.05, 10k steps, checkpoint every 1000, sample edits every 2000.
+            ip2p train --config configs/train.py:sd15 --workdir runs/ip2p \
+              --config.model.init=/models/stable-diffusion-v1-5 --config.data.path=/data/tfds
+  tiny    a small UNet from scratch on synthetic pairs; seconds on CPU (needs a tokenizer:
+          --config.model.tokenizer=DIR or --config.model.frozen_from=DIR).
+  shapes  a small UNet from scratch on the synthetic shapes dataset (TFDS, built by the datagen
+          scripts) with SD 1.5's frozen VAE and text encoder; minutes on one accelerator.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SD15_SCHEDULER_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+
+
+def tiny_unet() -> dict:
+    return dict(sample_size=16, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def tiny_vae() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def tiny_text_encoder() -> dict:
+    return dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.init = ""               # SD (4-ch) or InstructPix2Pix (8-ch) model: folder, single file or hub id; "" = scratch
+    m.frozen_from = ""        # VAE / text encoder / tokenizer / scheduler source when init == ""
+    m.tokenizer = ""          # tokenizer folder when both are "" (random VAE / text encoder from the dicts below)
+    m.unet = tiny_unet()      # diffusers UNet config (scratch only)
+    m.vae = tiny_vae()        # diffusers AutoencoderKL config (scratch, no frozen_from)
+    m.text_encoder = tiny_text_encoder()  # transformers CLIPTextConfig (scratch, no frozen_from)
+    m.prediction_type = ""    # "" = the scheduler config's (epsilon for SD 1.x); or epsilon / v_prediction
+    m.compute_dtype = "bfloat16"
+    m.attention_impl = "auto"
+    m.remat = False           # gradient checkpointing of the UNet blocks
+    m.train_text_encoder = False
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 1e-4
+    o.warmup_steps = 0
+    o.weight_decay = 1e-2
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.max_grad_norm = 1.0     # 0 = no clipping
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 64         # global examples per update (all hosts, all micro-batches)
+    t.grad_accum = 1          # micro-batches per update
+    t.num_steps = 1000
+    t.ema_decay = 0.9999
+    t.cond_dropout_prob = 0.05
+    t.max_nonfinite_steps = 10  # stop after this many skipped (non-finite) steps in a row
+
+    c.parallel = p = ml_collections.ConfigDict()
+    p.mode = "pmap"           # pmap (data parallel) | jit (('data','fsdp') mesh)
+    p.mesh_data = -1          # -1 = all devices / fsdp
+    p.fsdp = 1
+    p.fsdp_min_size = 2 ** 14
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "synthetic"    # synthetic | tfds | latent_cache
+    d.path = ""               # tfds: data_dir (or dataset folder); latent_cache: the cache folder
+    d.name = ""               # tfds dataset name (when path is a data_dir)
+    d.split = "train"
+    d.resolution = 256
+    d.min_resize = 256
+    d.max_resize = 256
+    d.flip = True
+    d.workers = 0
+    d.num_examples = 0        # synthetic: repeat this many pairs (0 = endless distinct pairs)
+    d.validation_split = "validation"
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every_steps = 1000
+    k.keep = 3
+    k.async_save = True
+
+    c.log = g = ml_collections.ConfigDict()
+    g.every_steps = 50
+    g.sample_every_steps = 2000  # 0 = no sample edits
+    g.num_samples = 4
+    g.sample_steps = 20
+    g.text_guidance = 7.5
+    g.image_guidance = 1.5
+
+    c.export = e = ml_collections.ConfigDict()
+    e.at_end = True
+    e.dir = ""                # "" = <workdir>/export
+    return c
+
+
+def sd15(c: ml_collections.ConfigDict) -> None:
+    c.model.init = "runwayml/stable-diffusion-v1-5"
+    c.model.remat = True
+    c.train.batch_size = 1024
+    c.train.grad_accum = 4
+    c.train.num_steps = 10_000
+    c.data.source = "tfds"
+    c.data.name = "edit_pairs"
+    c.checkpoint.every_steps = 1000
+    c.log.sample_every_steps = 2000
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    c.model.compute_dtype = "float32"
+    c.model.train_text_encoder = True
+    c.optim.learning_rate = 1e-3
+    c.train.batch_size = 8
+    c.train.num_steps = 20
+    c.train.ema_decay = 0.99
+    c.data.resolution = c.data.min_resize = c.data.max_resize = 32
+    c.checkpoint.every_steps = 10
+    c.log.every_steps = 5
+    c.log.sample_every_steps = 0
+    c.log.num_samples = 2
+    c.log.sample_steps = 4
+
+
+def shapes(c: ml_collections.ConfigDict) -> None:
+    """A small UNet from scratch; SD 1.5's VAE and (frozen) text encoder."""
+    c.model.frozen_from = "runwayml/stable-diffusion-v1-5"
+    c.model.unet = dict(tiny_unet(), block_out_channels=(64, 128, 256), layers_per_block=2, norm_num_groups=32,
+                        cross_attention_dim=768, attention_head_dim=8,
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 500
+    c.train.batch_size = 256
+    c.train.num_steps = 20_000
+    c.data.source = "tfds"
+    c.data.name = "shapes"
+    c.data.resolution = c.data.min_resize = c.data.max_resize = 64
+    c.checkpoint.every_steps = 1000
+    c.log.sample_every_steps = 1000
+
+
+PRESETS = {"sd15": sd15, "tiny": tiny, "shapes": shapes}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    arg = arg or "tiny"
+    if arg not in PRESETS:
+        raise ValueError(f"configs/train.py: unknown preset {arg!r}; choose one of {sorted(PRESETS)}")
+    c = base()
+    PRESETS[arg](c)
+    c.preset = arg
+    return c

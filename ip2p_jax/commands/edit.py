@@ -1,0 +1,202 @@
+"""`ip2p edit`: edit images from written instructions.
+
+Every input image is edited with every --instruction (num-samples times each). Results go
+to --out as PNG with a JSON sidecar of the settings used (seed included: rerunning with that
+seed, one image and one sample reproduces the result). --grid writes instead, per image and
+instruction, one labelled comparison grid over --text-scales x --image-scales (rows image
+scale, columns text scale; the same seed in every cell).
+
+Exit status: 0 when at least one result was written (unreadable inputs are reported on
+stderr and skipped); 1 when nothing could be edited (every input failed); 2 for a usage
+error (bad option, no model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+
+DEMO_MODEL_ENV = "IP2P_JAX_DEMO_MODEL"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ip2p_jax import images
+
+    p.add_argument("--model", help="diffusers folder, single checkpoint file or hub id (default: the demo model)")
+    p.add_argument("--image", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (their images) or glob patterns")
+    p.add_argument("--instruction", action="append", required=True, metavar="TEXT",
+                   help="the edit, e.g. 'make it winter' (repeat for several; '' returns the input)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale")
+    p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale")
+    p.add_argument("--randomize-scales", action="store_true",
+                   help="draw text scale from U[6, 9] and image scale from U[1.2, 1.8] per edit (as the authors' app)")
+    p.add_argument("--seed", type=int, default=None, help="default: random (written to each sidecar)")
+    p.add_argument("--sampler", default="euler_a", help="euler_a (default), euler, ddim, dpmpp_2m")
+    p.add_argument("--schedule", default=None,
+                   help="sigma/timestep schedule (default: the sampler's; e.g. 'authors', 'diffusers', 'karras')")
+    p.add_argument("--resolution", type=int, default=512, help="long side for --resize authors")
+    p.add_argument("--resize", choices=images.RESIZE_MODES, default="authors",
+                   help="authors: long side ~resolution, multiples of 64; keep: input size (floored to x8)")
+    p.add_argument("--num-samples", type=int, default=1, help="results per image and instruction")
+    p.add_argument("--batch-size", type=int, default=None, help="edits per compiled call (default: automatic)")
+    p.add_argument("--grid", action="store_true", help="write a comparison grid over --text-scales x --image-scales")
+    p.add_argument("--text-scales", type=_floats, default=[3.0, 5.0, 7.5, 10.0])
+    p.add_argument("--image-scales", type=_floats, default=[1.0, 1.2, 1.5, 2.0])
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPU/TPU, fp32 on CPU")
+    p.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                   help="refuse input images with more pixels than this")
+    p.add_argument("--compilation-cache", metavar="DIR", nargs="?", const="",
+                   help="keep compiled edits on disk (default dir: $IP2P_JAX_COMPILATION_CACHE or ~/.cache/ip2p_jax/xla)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def find_demo_model() -> str | None:
+    """The demo model shipped with the package (or named by $IP2P_JAX_DEMO_MODEL), if installed."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (os.environ.get(DEMO_MODEL_ENV), os.path.join(here, "demo_model")):
+        if candidate and os.path.exists(os.path.join(candidate, "model_index.json")):
+            return candidate
+    return None
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:limit].rstrip("-") or "input"
+
+
+def _free_path(directory: str, stem: str, ext: str, taken: set) -> str:
+    """A path in `directory` that neither exists nor was handed out this run (never overwrite)."""
+    n = 0
+    while True:
+        name = f"{stem}{'' if n == 0 else f'-{n}'}{ext}"
+        path = os.path.join(directory, name)
+        if path not in taken and not os.path.exists(path) and not os.path.exists(path[:-len(ext)] + ".json"):
+            taken.add(path)
+            return path
+        n += 1
+
+
+def _write(image, settings: dict, path: str) -> None:
+    """PNG then sidecar, each written to a temporary name and renamed (no half-written files)."""
+    tmp = path + ".part"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    side = os.path.splitext(path)[0] + ".json"
+    with open(side + ".part", "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(side + ".part", side)
+
+
+def _warn(msg: str) -> None:
+    print(f"ip2p edit: {msg}", file=sys.stderr)
+
+
+def run(args) -> int:
+    from ip2p_jax import images
+
+    if args.steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError("--steps, --num-samples and --batch-size must be positive")
+    if args.grid and (not args.text_scales or not args.image_scales):
+        raise ValueError("--grid needs at least one --text-scales and one --image-scales value")
+    model = args.model or find_demo_model()
+    if model is None:
+        raise ValueError("no --model given and no demo model installed "
+                         f"(pass --model PATH, or set ${DEMO_MODEL_ENV})")
+
+    # Read every input first: a bad file is reported and skipped, the others go on.
+    paths = images.expand_paths(args.image)
+    loaded, failed = [], []
+    for path in paths:
+        try:
+            loaded.append((path, images.load_image(path, max_pixels=args.max_pixels)))
+        except images.ImageError as e:
+            failed.append(path)
+            _warn(f"skipping {e}")
+    if not loaded:
+        _warn(f"nothing to edit: none of the {len(paths)} input(s) could be read")
+        return 1
+
+    import jax
+
+    from ip2p_jax import sharding
+    from ip2p_jax.pipeline import EditPipeline
+
+    if args.compilation_cache is not None:
+        sharding.enable_compilation_cache(args.compilation_cache or None)
+    os.makedirs(args.out, exist_ok=True)
+    pipe = EditPipeline.from_pretrained(model, dtype=None if args.dtype == "auto" else args.dtype)
+    common = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, resolution=args.resolution,
+                  resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels)
+    n_written = _run_grid(pipe, loaded, args, common) if args.grid else _run_edits(pipe, loaded, args, common)
+    total_in = len(paths)
+    summary = f"wrote {n_written} result(s) to {args.out}"
+    if failed:
+        summary += f"; {len(failed)} of {total_in} input(s) skipped: {', '.join(failed)}"
+    _warn(summary) if failed else print(summary)
+    del jax
+    return 0 if n_written else 1
+
+
+def _run_edits(pipe, loaded, args, common) -> int:
+    from tqdm import tqdm
+
+    pairs = [(path, img, text) for path, img in loaded for text in args.instruction]
+    taken: set = set()
+    n = 0
+    with tqdm(total=len(pairs) * args.num_samples, desc="editing", unit="img", disable=args.quiet) as bar:
+        for out in pipe.iter_edit([img for _, img, _ in pairs], [t for _, _, t in pairs],
+                                  text_scale=args.text_scale, image_scale=args.image_scale, seed=args.seed,
+                                  num_samples=args.num_samples, randomize_scales=args.randomize_scales,
+                                  names=[p for p, _, _ in pairs], **common):
+            path, _, text = pairs[out.settings["pair_index"]]
+            stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{out.settings['seed']}"
+            dest = _free_path(args.out, stem, ".png", taken)
+            _write(out.image, {"input": os.path.abspath(path), "model": pipe.source, **out.settings}, dest)
+            n += 1
+            bar.update(1)
+    return n
+
+
+def _run_grid(pipe, loaded, args, common) -> int:
+    import random
+
+    from tqdm import tqdm
+
+    from ip2p_jax import images
+
+    ts, ims = args.text_scales, args.image_scales
+    cells = [(i_s, t_s) for i_s in ims for t_s in ts]        # row-major: rows image scale
+    taken: set = set()
+    n = 0
+    jobs = [(path, img, text) for path, img in loaded for text in args.instruction]
+    for path, img, text in tqdm(jobs, desc="grids", unit="grid", disable=args.quiet):
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        res = pipe.edit([img] * len(cells), text, text_scale=[t for _, t in cells],
+                        image_scale=[i for i, _ in cells], seed=[seed] * len(cells),
+                        names=[path] * len(cells), progress=False, **common)
+        rows = [res.images[r * len(ts):(r + 1) * len(ts)] for r in range(len(ims))]
+        grid = images.make_grid(rows, [f"{v:g}" for v in ims], [f"{v:g}" for v in ts], title=text,
+                                row_title="image scale", col_title="text scale")
+        stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
+        dest = _free_path(args.out, stem, ".png", taken)
+        first = dict(res.settings[0])
+        for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
+            first.pop(k, None)
+        _write(grid, {"input": os.path.abspath(path), "model": pipe.source, **first,
+                      "grid": {"rows_image_scale": ims, "columns_text_scale": ts}}, dest)
+        n += 1
+    return n

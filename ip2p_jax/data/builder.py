@@ -1,0 +1,324 @@
+"""The TFDS builder for edit pairs (array_record files; no TensorFlow needed) and `build_dataset`.
+
+Layout: `<data_dir>/edit_pairs/<name>/1.0.0/` holding the TFDS files plus, per split,
+`prompt_hashes-<split>.u64` (the 64-bit prompt hash of record i, for one-seed-per-prompt
+sampling). Records are stored in the order the source yields them (`disable_shuffling`),
+which is what makes that side file line up with the records.
+
+The source is read once: the first split TFDS asks for streams the source, writing that
+split's pairs straight to TFDS and spooling the other splits' pairs to temporary files,
+which their generators then replay. Memory stays bounded whatever the source size.
+A build runs in a temporary data dir and is moved into place only when complete.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import pickle
+import re
+import shutil
+import struct
+import tempfile
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ip2p_jax.data import sources as src
+
+log = logging.getLogger(__name__)
+
+DATASET = "edit_pairs"
+VERSION = "1.0.0"
+IMAGE_FEATURES = ("input_image", "edited_image")
+TEXT_FEATURES = ("instruction", "input_caption", "edited_caption", "id", "prompt_id")
+MAX_KEPT_REJECTIONS = 10_000
+
+
+class BuildError(ValueError):
+    """The build cannot produce a dataset (empty source, strict-mode rejection, ...)."""
+
+
+def features() -> tfds.features.FeaturesDict:
+    # Images stay as the encoded bytes of the source (tfds.features.Image stores given bytes as-is).
+    return tfds.features.FeaturesDict({
+        "input_image": tfds.features.Image(shape=(None, None, 3)),
+        "edited_image": tfds.features.Image(shape=(None, None, 3)),
+        "instruction": tfds.features.Text(),
+        "input_caption": tfds.features.Text(),
+        "edited_caption": tfds.features.Text(),
+        "id": tfds.features.Text(),
+        "prompt_id": tfds.features.Text(),
+    })
+
+
+def prompt_hash_file(version_dir, split: str) -> str:
+    return os.path.join(os.fspath(version_dir), f"prompt_hashes-{split}.u64")
+
+
+@dataclasses.dataclass
+class BuildReport:
+    path: str = ""
+    source: str = ""
+    format: str = ""
+    examples: dict = dataclasses.field(default_factory=dict)   # split -> count
+    num_bytes: dict = dataclasses.field(default_factory=dict)  # split -> bytes written
+    rejected: int = 0
+    rejected_by_kind: dict = dataclasses.field(default_factory=dict)
+    rejections: list = dataclasses.field(default_factory=list)  # first MAX_KEPT_REJECTIONS, as text
+    seconds: float = 0.0
+    read_seconds: float = 0.0  # the pass over the source (reading + checking), inside `seconds`
+
+    @property
+    def total(self) -> int:
+        return sum(self.examples.values())
+
+    def reject(self, r: src.Rejection):
+        self.rejected += 1
+        self.rejected_by_kind[r.kind] = self.rejected_by_kind.get(r.kind, 0) + 1
+        if len(self.rejections) < MAX_KEPT_REJECTIONS:
+            self.rejections.append(str(r))
+
+    def summary(self, max_lines: int = 20) -> str:
+        rate = self.total / self.seconds if self.seconds else 0.0
+        lines = [f"dataset: {self.path}", f"source: {self.source} ({self.format})"]
+        for split, n in self.examples.items():
+            lines.append(f"  {split:<10} {n:>9} examples  {self.num_bytes.get(split, 0) / 2**20:10.1f} MiB")
+        lines.append(f"  {'total':<10} {self.total:>9} examples  {sum(self.num_bytes.values()) / 2**20:10.1f} MiB")
+        lines.append(f"time: {self.seconds:.1f} s ({rate:.1f} examples/s; reading and checking the source "
+                     f"{self.read_seconds:.1f} s)")
+        lines.append(f"rejected: {self.rejected}")
+        for kind, n in sorted(self.rejected_by_kind.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {n:>7}  {kind}")
+        for r in self.rejections[:max_lines]:
+            lines.append(f"    {r}")
+        if self.rejected > max_lines:
+            lines.append(f"    ... ({self.rejected - max_lines} more in {os.path.join(self.path, 'build_report.json')})")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reading the source once
+
+def _load(pair: src.Pair) -> dict | src.Rejection:
+    try:
+        return src.load_pair(pair)
+    except src.Reject as e:
+        return src.Rejection(pair.id, e.kind, e.detail)
+
+
+def _ordered_map(fn, items: Iterable, workers: int, window: int) -> Iterator:
+    """map(fn, items) in order, `workers` threads, at most `window` items in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _Spool:
+    """Append-only file of pickled examples, replayed once."""
+
+    def __init__(self, path: str):
+        self.path, self._f = path, open(path, "wb")
+
+    def write(self, example: dict):
+        data = pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL)
+        self._f.write(struct.pack("<Q", len(data)))
+        self._f.write(data)
+
+    def replay(self) -> Iterator[dict]:
+        self._f.close()
+        with open(self.path, "rb") as f:
+            while head := f.read(8):
+                yield pickle.loads(f.read(struct.unpack("<Q", head)[0]))
+        os.remove(self.path)
+
+
+class _SplitRouter:
+    """Streams the source once; the first split asked for is yielded live, the others spooled."""
+
+    def __init__(self, source, report: BuildReport, strict: bool, workers: int, spool_dir: str,
+                 planned: int, progress: bool):
+        self.source, self.report, self.strict = source, report, strict
+        self.workers, self.spool_dir, self.planned, self.progress = workers, spool_dir, planned, progress
+        self.spools: dict[str, _Spool] | None = None
+
+    def _checked(self) -> Iterator[dict]:
+        from tqdm.auto import tqdm
+
+        def load(x):
+            return x if isinstance(x, src.Rejection) else _load(x)
+
+        start = time.perf_counter()
+        bar = tqdm(total=self.planned, desc=f"reading {self.source.format} source", unit=" pairs",
+                   disable=not self.progress, mininterval=1.0, smoothing=0.05)
+        try:
+            for out in _ordered_map(load, self.source.scan(), self.workers, 4 * self.workers):
+                bar.update(1)
+                if isinstance(out, src.Rejection):
+                    if self.strict:
+                        raise BuildError(f"{out} [--strict: the first bad item stops the build; "
+                                         "without it bad items are skipped and reported]")
+                    self.report.reject(out)
+                    bar.set_postfix(rejected=self.report.rejected, refresh=False)
+                    continue
+                yield out
+        finally:
+            bar.close()
+            self.report.read_seconds += time.perf_counter() - start
+
+    def examples(self, split: str) -> Iterator[dict]:
+        if self.spools is not None:
+            yield from self.spools.pop(split).replay()
+            return
+        self.spools = {s: _Spool(os.path.join(self.spool_dir, f"spool-{s}.bin")) for s in src.SPLITS if s != split}
+        for ex in self._checked():
+            s = src.split_of(ex["prompt_id"])
+            if s == split:
+                yield ex
+            else:
+                self.spools[s].write(ex)
+
+
+# ---------------------------------------------------------------- the builder
+
+class EditPairs(tfds.core.GeneratorBasedBuilder):
+    """InstructPix2Pix edit pairs: input/edited images (encoded bytes), instruction, captions."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):  # no checksums / metadata files ship with this builder
+        return None
+
+    def __init__(self, *, source=None, strict: bool = False, workers: int = 1, progress: bool = True,
+                 report: BuildReport | None = None, **kwargs):
+        self._source, self._strict, self._workers, self._progress = source, strict, workers, progress
+        self._report = report if report is not None else BuildReport()
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.__doc__, features=features(), disable_shuffling=True,
+            homepage="https://github.com/timothybrooks/instruct-pix2pix")
+
+    def _split_generators(self, dl_manager):
+        if self._source is None:
+            raise BuildError("EditPairs needs a source to build (use build_dataset)")
+        counts = collections.Counter(src.split_of(p) for p in self._source.plan())
+        total = sum(counts.values())
+        if total == 0:
+            raise BuildError(f"{self._source.root}: the {self._source.format} source holds no pairs")
+        # Keys: increasing (=> stored order is generation order), spread over TFDS' 128-bit key
+        # space so its on-disk sort buckets stay small.
+        self._key_stride = (2**128 - 1) // (total + 1)
+        spool_dir = tempfile.mkdtemp(prefix="spool-", dir=os.fspath(self.data_dir_root))
+        self._router = _SplitRouter(self._source, self._report, self._strict, self._workers, spool_dir,
+                                    total, self._progress)
+        order = [s for s in src.SPLITS if counts[s]]  # the largest (train) streams live
+        order.sort(key=lambda s: -counts[s])
+        return {s: self._generate_examples(s) for s in order}
+
+    def _generate_examples(self, split: str):
+        hashes = open(prompt_hash_file(self.data_dir, split), "wb")
+        n = 0
+        with hashes:
+            for ex in self._router.examples(split):
+                hashes.write(struct.pack("<Q", src.prompt_hash(ex["prompt_id"])))
+                yield n * self._key_stride, ex
+                n += 1
+        self._report.examples[split] = n
+        if n == 0:
+            raise BuildError(f"split {split!r}: every pair was rejected ({self._report.rejected} rejected in all); "
+                             "see the reasons above")
+
+
+# ---------------------------------------------------------------- entry points
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
+        raise BuildError(f"dataset name {name!r}: use lower-case letters, digits and '_'")
+    return name
+
+
+def dataset_dir(data_dir: str, name: str) -> str:
+    return os.path.join(os.fspath(data_dir), DATASET, name, VERSION)
+
+
+def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None, *, strict: bool = False,
+                  overwrite: bool = False, workers: int | None = None, progress: bool = True) -> BuildReport:
+    """Build `<data_dir>/edit_pairs/<name>/1.0.0` from a source; returns the report.
+
+    Bad items are skipped and reported (or, with `strict`, the first one raises BuildError).
+    Nothing is left at the final path unless the build completes.
+    """
+    name = _check_name(name or fmt)
+    source_obj = src.open_source(fmt, source)
+    final = dataset_dir(data_dir, name)
+    if os.path.exists(final) and not overwrite:
+        raise BuildError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    os.makedirs(data_dir, exist_ok=True)
+    report = BuildReport(path=final, source=os.fspath(source), format=fmt)
+    tmp_root = tempfile.mkdtemp(prefix=f".build-{name}-", dir=data_dir)
+    start = time.perf_counter()
+    try:
+        builder = EditPairs(source=source_obj, strict=strict, workers=workers, progress=progress, report=report,
+                            data_dir=tmp_root, config=tfds.core.BuilderConfig(name=name),
+                            file_format="array_record")
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        was_enabled = tqdm_utils._active  # TFDS' own bars would duplicate ours
+        tqdm_utils.display_progress_bar(False)
+        try:
+            builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
+        finally:
+            tqdm_utils.display_progress_bar(was_enabled)
+        built = dataset_dir(tmp_root, name)
+        info = builder.info
+        report.num_bytes = {s: int(info.splits[s].num_bytes) for s in report.examples}
+        report.seconds = time.perf_counter() - start
+        with open(os.path.join(built, "build_report.json"), "w") as f:
+            import json
+            json.dump(dataclasses.asdict(report), f, indent=1)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=data_dir)
+            os.replace(final, os.path.join(old, VERSION))
+            os.replace(built, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(built, final)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return report
+
+
+def open_dataset(path: str, name: str | None = None):
+    """A read-only TFDS builder: `open_dataset(data_dir, name)` or `open_dataset(version_dir)`."""
+    version_dir = dataset_dir(path, name) if name else os.fspath(path)
+    if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+        raise BuildError(f"{version_dir}: no built dataset here (expected dataset_info.json; build it with "
+                         "scripts/build_tfds.py)")
+    return tfds.builder_from_directory(version_dir)
+
+
+def read_prompt_hashes(builder, split: str) -> np.ndarray:
+    """uint64 prompt hash of each record of `split`, in record order."""
+    path = prompt_hash_file(builder.data_dir, split)
+    hashes = np.fromfile(path, dtype="<u8")
+    n = builder.info.splits[split].num_examples
+    if len(hashes) != n:
+        raise BuildError(f"{path}: {len(hashes)} prompt hashes for {n} records (dataset damaged?)")
+    return hashes

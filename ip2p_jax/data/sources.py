@@ -1,0 +1,388 @@
+"""Readers for the three on-disk edit-pair formats, streaming one pair at a time.
+
+Each source has two passes:
+  `plan()`  cheap (text only): yields the prompt id of every candidate pair, to size the splits;
+  `scan()`  yields `Pair`s (images as file paths or encoded bytes, not yet checked) and
+            `Rejection`s for items that cannot even be parsed.
+`load_pair(pair)` then reads and checks the images (kept exactly as encoded).
+
+Split of a pair = a stable hash of its prompt id (90/5/5), so all seeds of a prompt share a split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from typing import Iterator
+
+SPLITS = ("train", "validation", "test")
+SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable (missing, empty, malformed index file)."""
+
+
+class Reject(Exception):
+    """One item is unusable: `kind` (a short category for the summary) and `detail`."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind} ({detail})" if detail else kind)
+        self.kind, self.detail = kind, detail
+
+
+@dataclasses.dataclass
+class Rejection:
+    item: str    # file, file#row, file:line or dir/seed
+    kind: str    # e.g. "corrupt image", "missing image file", "malformed JSON line"
+    detail: str = ""
+
+    def __str__(self):
+        return f"{self.item}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclasses.dataclass
+class Pair:
+    id: str                   # unique within the dataset, stable across rebuilds
+    prompt_id: str            # pairs sharing it (seeds of one prompt) land in one split
+    instruction: str
+    input_image: bytes | str  # encoded bytes, or a file path
+    edited_image: bytes | str
+    input_caption: str = ""
+    edited_caption: str = ""
+
+
+def prompt_hash(prompt_id: str) -> int:
+    """Stable unsigned 64-bit hash of a prompt id (same on every machine and Python run)."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode("utf-8")).digest()[:8], "big")
+
+
+def split_of(prompt_id: str) -> str:
+    u = prompt_hash(prompt_id) / 2.0**64
+    edge = 0.0
+    for name, fraction in zip(SPLITS, SPLIT_FRACTIONS):
+        edge += fraction
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+# ---------------------------------------------------------------- images
+
+def check_image(data: bytes) -> str:
+    """Decode `data` fully enough to catch corrupt or truncated files; returns the format."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            if fmt not in IMAGE_FORMATS:
+                raise Reject("unsupported image format", f"{fmt}; expected {', '.join(IMAGE_FORMATS)}")
+            if fmt == "JPEG":  # decoding at 1/8 scale still reads every entropy-coded byte
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Reject:
+        raise
+    except Exception as e:
+        raise Reject("corrupt image", f"{type(e).__name__}: {e}") from None
+    return fmt
+
+
+def read_image(ref: bytes | str, what: str) -> bytes:
+    """The encoded image bytes for `ref` (bytes, or a path), checked; Reject names `what`."""
+    if isinstance(ref, str):
+        try:
+            with open(ref, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise Reject("missing image file", f"{what} {ref}") from None
+        except OSError as e:
+            raise Reject("unreadable image file", f"{what} {ref}: {e.strerror or e}") from None
+    else:
+        data = ref
+    if not data:
+        raise Reject("empty image", what)
+    try:
+        check_image(data)
+    except Reject as e:
+        raise Reject(e.kind, f"{what}: {e.detail}") from None
+    return data
+
+
+def load_pair(pair: Pair) -> dict:
+    """The example dict stored in the dataset (images read and checked), or raise Reject."""
+    if not pair.instruction.strip():
+        raise Reject("empty instruction")
+    return {
+        "id": pair.id,
+        "prompt_id": pair.prompt_id,
+        "instruction": pair.instruction,
+        "input_caption": pair.input_caption,
+        "edited_caption": pair.edited_caption,
+        "input_image": read_image(pair.input_image, "input image"),
+        "edited_image": read_image(pair.edited_image, "edited image"),
+    }
+
+
+# ---------------------------------------------------------------- authors' layout
+
+class AuthorsSource:
+    """`seeds.json` (sorted [[dir, [seeds...]], ...]); `<dir>/prompt.json` with keys
+    input / edit / output; `<dir>/<seed>_0.jpg` (input) and `<seed>_1.jpg` (edited).
+    Without seeds.json the seeds are listed from the `<seed>_0.jpg` files."""
+
+    format = "authors"
+
+    def __init__(self, path: str):
+        self.root = os.fspath(path)
+        if not os.path.isdir(self.root):
+            raise SourceError(f"{self.root}: not a directory (the authors' layout is a folder "
+                              "with seeds.json and one sub-folder per prompt)")
+
+    def _seeds(self) -> list[tuple[str, list[int]]]:
+        index = os.path.join(self.root, "seeds.json")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    seeds = json.load(f)
+                return [(str(name), [int(s) for s in ss]) for name, ss in seeds]
+            except (ValueError, TypeError) as e:
+                raise SourceError(f"{index}: malformed (expected a list of [dir, [seeds...]]): {e}") from None
+        listing = []
+        for name in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, name)
+            if os.path.isdir(d):
+                found = sorted(int(m.group(1)) for f in os.listdir(d) if (m := re.fullmatch(r"(\d+)_0\.jpg", f)))
+                if found:
+                    listing.append((name, found))
+        return listing
+
+    def plan(self) -> Iterator[str]:
+        for name, seeds in self._seeds():
+            for _ in seeds:
+                yield name
+
+    def scan(self) -> Iterator[Pair | Rejection]:
+        for name, seeds in self._seeds():
+            d = os.path.join(self.root, name)
+            prompt_file = os.path.join(d, "prompt.json")
+            try:
+                with open(prompt_file) as f:
+                    prompt = json.load(f)
+                if not isinstance(prompt, dict) or not isinstance(prompt.get("edit"), str):
+                    raise ValueError("no 'edit' text")
+                problem = None
+            except FileNotFoundError:
+                problem = Rejection("", "missing prompt.json", prompt_file)
+            except (OSError, ValueError) as e:
+                problem = Rejection("", "malformed prompt.json", f"{prompt_file}: {e}")
+            for seed in seeds:
+                item = f"{name}/{seed}"
+                if problem:
+                    yield dataclasses.replace(problem, item=item)
+                    continue
+                yield Pair(id=item, prompt_id=name, instruction=prompt["edit"],
+                           input_caption=str(prompt.get("input") or ""),
+                           edited_caption=str(prompt.get("output") or ""),
+                           input_image=os.path.join(d, f"{seed}_0.jpg"),
+                           edited_image=os.path.join(d, f"{seed}_1.jpg"))
+
+
+# ---------------------------------------------------------------- parquet
+
+# our field <- accepted column names (Hugging Face dataset first, then diffusers' / our own).
+PARQUET_COLUMNS = {
+    "input_image": ("original_image", "input_image"),
+    "edited_image": ("edited_image",),
+    "instruction": ("edit_prompt", "instruction"),
+    "input_caption": ("original_prompt", "input_caption"),
+    "edited_caption": ("edited_prompt", "edited_caption"),
+}
+PARQUET_REQUIRED = ("input_image", "edited_image", "instruction")
+TEXT_FIELDS = ("instruction", "input_caption", "edited_caption")
+
+
+def _files(path: str, suffix: str, what: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise SourceError(f"{path}: no such file or directory")
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
+    if not found:
+        raise SourceError(f"{path}: no {what} files (*{suffix}) found")
+    return found
+
+
+def _text_prompt_id(row: dict) -> str:
+    """Parquet/diffusers rows carry no prompt index: the prompt is its text triple."""
+    key = "\x1f".join(row.get(k) or "" for k in ("input_caption", "instruction", "edited_caption"))
+    return f"p{prompt_hash(key):016x}"
+
+
+class ParquetSource:
+    """Parquet files with the Hugging Face columns (original_prompt, original_image, edit_prompt,
+    edited_prompt, edited_image) or diffusers' (input_image, edit_prompt, edited_image). Image
+    cells are `{bytes, path}` structs or plain binary; a path-only cell is read relative to the file."""
+
+    format = "parquet"
+    batch_rows = 64
+
+    def __init__(self, path: str):
+        self.root = os.fspath(path)
+        self.files = _files(self.root, ".parquet", "parquet")
+        self._columns: dict[str, dict[str, str] | Rejection] = {}
+
+    def _name(self, file: str) -> str:
+        return os.path.relpath(file, self.root) if os.path.isdir(self.root) else os.path.basename(file)
+
+    def _mapping(self, file: str) -> dict[str, str] | Rejection:
+        """field -> column for `file`, or a Rejection of the whole file."""
+        if file not in self._columns:
+            import pyarrow.parquet as pq
+
+            try:
+                meta = pq.read_metadata(file)
+                names = set(meta.schema.names)
+                mapping = {f: next((c for c in cols if c in names), None) for f, cols in PARQUET_COLUMNS.items()}
+                missing = [PARQUET_COLUMNS[f][0] for f in PARQUET_REQUIRED if mapping[f] is None]
+                if missing:
+                    self._columns[file] = Rejection(
+                        self._name(file), "missing columns", f"{missing}; {meta.num_rows} rows skipped; "
+                        f"has {sorted(names)}; expected original_image/input_image, edit_prompt, edited_image")
+                else:
+                    self._columns[file] = {f: c for f, c in mapping.items() if c is not None}
+            except Exception as e:
+                self._columns[file] = Rejection(self._name(file), "unreadable parquet file", f"{type(e).__name__}: {e}")
+        return self._columns[file]
+
+    def _rows(self, file: str, fields: tuple[str, ...]) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+
+        mapping = self._mapping(file)
+        cols = {f: mapping[f] for f in fields if f in mapping}
+        with pq.ParquetFile(file) as pf:
+            for batch in pf.iter_batches(batch_size=self.batch_rows, columns=list(dict.fromkeys(cols.values()))):
+                data = {f: batch.column(c).to_pylist() for f, c in cols.items()}
+                for i in range(batch.num_rows):
+                    yield {f: v[i] for f, v in data.items()}
+
+    def plan(self) -> Iterator[str]:
+        for file in self.files:
+            if isinstance(self._mapping(file), Rejection):
+                continue
+            try:
+                for row in self._rows(file, TEXT_FIELDS):
+                    yield _text_prompt_id(row)
+            except Exception:
+                continue  # reported by scan()
+
+    def _image(self, cell, file: str, what: str) -> bytes | str:
+        if isinstance(cell, dict):
+            if cell.get("bytes"):
+                return cell["bytes"]
+            if cell.get("path"):
+                return os.path.join(os.path.dirname(file), cell["path"])
+            raise Reject("bad image cell", f"{what}: neither bytes nor path")
+        if isinstance(cell, (bytes, bytearray)):
+            return bytes(cell)
+        raise Reject("bad image cell", f"{what} is {type(cell).__name__}, expected a {{bytes, path}} struct or binary")
+
+    def scan(self) -> Iterator[Pair | Rejection]:
+        for file in self.files:
+            mapping = self._mapping(file)
+            if isinstance(mapping, Rejection):
+                yield mapping
+                continue
+            name = self._name(file)
+            row_no = -1
+            try:
+                for row_no, row in enumerate(self._rows(file, tuple(PARQUET_COLUMNS))):
+                    item = f"{name}#{row_no}"
+                    try:
+                        texts = {f: row.get(f) or "" for f in TEXT_FIELDS}
+                        if not all(isinstance(v, str) for v in texts.values()):
+                            raise Reject("bad prompt cell", "a prompt column is not text")
+                        yield Pair(id=item, prompt_id=_text_prompt_id(texts), **texts,
+                                   input_image=self._image(row["input_image"], file, "input image"),
+                                   edited_image=self._image(row["edited_image"], file, "edited image"))
+                    except Reject as e:
+                        yield Rejection(item, e.kind, e.detail)
+            except Exception as e:
+                yield Rejection(f"{name}#{row_no + 1}", "unreadable parquet data", f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- jsonl
+
+class JsonlSource:
+    """One JSON object per line: input_image, edited_image (paths relative to the .jsonl file),
+    instruction, optional input_caption / edited_caption, optional prompt_id (default: the
+    input image path, so all edits of one input image share a split)."""
+
+    format = "jsonl"
+
+    def __init__(self, path: str):
+        self.root = os.fspath(path)
+        self.files = _files(self.root, ".jsonl", "jsonl")
+
+    def _name(self, file: str) -> str:
+        return os.path.relpath(file, self.root) if os.path.isdir(self.root) else os.path.basename(file)
+
+    def _records(self, file: str) -> Iterator[tuple[str, dict | Rejection]]:
+        name = self._name(file)
+        try:
+            with open(file, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    item = f"{name}:{line_no}"
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        yield item, Rejection(item, "malformed JSON line", str(e))
+                        continue
+                    if not isinstance(obj, dict):
+                        yield item, Rejection(item, "not a JSON object", type(obj).__name__)
+                        continue
+                    missing = [k for k in ("input_image", "edited_image", "instruction") if not isinstance(obj.get(k), str)]
+                    if missing:
+                        yield item, Rejection(item, "missing field", f"{missing} missing or not text")
+                        continue
+                    yield item, obj
+        except (OSError, UnicodeDecodeError) as e:
+            yield name, Rejection(name, "unreadable file", str(e))
+
+    @staticmethod
+    def _prompt_id(obj: dict) -> str:
+        return str(obj.get("prompt_id") or obj["input_image"])
+
+    def plan(self) -> Iterator[str]:
+        for file in self.files:
+            for _, obj in self._records(file):
+                if isinstance(obj, dict):
+                    yield self._prompt_id(obj)
+
+    def scan(self) -> Iterator[Pair | Rejection]:
+        for file in self.files:
+            base = os.path.dirname(os.path.abspath(file))
+            for item, obj in self._records(file):
+                if isinstance(obj, Rejection):
+                    yield obj
+                    continue
+                yield Pair(id=item, prompt_id=self._prompt_id(obj), instruction=obj["instruction"],
+                           input_caption=str(obj.get("input_caption") or ""),
+                           edited_caption=str(obj.get("edited_caption") or ""),
+                           input_image=os.path.join(base, obj["input_image"]),
+                           edited_image=os.path.join(base, obj["edited_image"]))
+
+
+FORMATS = {"authors": AuthorsSource, "parquet": ParquetSource, "jsonl": JsonlSource}
+
+
+def open_source(fmt: str, path: str):
+    if fmt not in FORMATS:
+        raise SourceError(f"unknown source format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    return FORMATS[fmt](path)

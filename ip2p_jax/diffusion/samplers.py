@@ -1,0 +1,239 @@
+"""Samplers (euler_a, euler, dpmpp_2m, ddim) as a plan of arrays plus pure, jit-able steps.
+
+    plan = make_plan("euler_a", steps=20)                    # host, numpy; once per setting
+    x0 = sample(eps_fn, noise, plan, keys)                   # inside jit; lax.fori_loop
+
+`eps_fn(model_input, timestep) -> eps` sees the noisy latents already scaled for the model
+and a scalar float32 UNet timestep. `noise` is standard normal: the sampler multiplies it by
+its initial noise scale (diffusers' `latents * init_noise_sigma`). `keys` holds one PRNG key
+per example: ancestral noise of example b at step i is normal(fold_in(keys[b], i)), so an
+example's result never depends on the rest of the batch.
+
+Sigma-space samplers keep x = x0 + sigma * eps (k-diffusion's convention); DDIM keeps the
+diffusers variance-preserving sample. Per-step coefficients that only depend on the schedule
+are computed on the host in float64 and stored in the plan as float32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ip2p_jax.diffusion import schedules as sch
+from ip2p_jax.diffusion.schedules import ScheduleError, TrainingSchedule
+
+SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
+SIGMA_SCHEDULES = ("kdiffusion", "diffusers", "karras")
+DEFAULT_SCHEDULE = {"euler_a": "kdiffusion", "euler": "kdiffusion", "dpmpp_2m": "diffusers", "ddim": "diffusers"}
+
+
+@struct.dataclass
+class Plan:
+    """Everything a sampler needs per step, as arrays (n = steps). Pass it into jit freely.
+
+    timesteps:        (n,) UNet timestep per step (fractional for kdiffusion/karras-Euler).
+    sigmas:           (n+1,) noise level (sigma units) before each step, then after the last.
+    input_scale:      (n,) factor applied to x to make the model input (1/sqrt(sigma^2+1); DDIM 1).
+    init_noise_scale: () standard normal noise times this is the starting x.
+    sigma_down, sigma_up: (n,) Euler target sigma and ancestral noise std (euler: sigma_up = 0).
+    history_weight:   (n,) DPM++ 2M weight w: denoised' = (1+w) denoised - w previous_denoised.
+    alphas_cumprod:   (n+1,) DDIM alpha-bar at each step's timestep, then the final one.
+    Fields a sampler does not use are zeros; `sampler` is static (part of the tree structure).
+    """
+
+    sampler: str = struct.field(pytree_node=False)
+    timesteps: jax.Array
+    sigmas: jax.Array
+    input_scale: jax.Array
+    init_noise_scale: jax.Array
+    sigma_down: jax.Array
+    sigma_up: jax.Array
+    history_weight: jax.Array
+    alphas_cumprod: jax.Array
+
+    @property
+    def steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+@struct.dataclass
+class SamplerState:
+    x: jax.Array               # (B, ...) float32 current sample
+    prev_denoised: jax.Array   # (B, ...) float32 previous x0 prediction (DPM++ 2M; zeros otherwise)
+
+
+# ----------------------------------------------------------------------------- planning (host)
+
+def make_plan(sampler: str, steps: int, schedule: str | None = None, *,
+              training: TrainingSchedule | None = None, alphas_cumprod: np.ndarray | None = None,
+              eta: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None,
+              steps_offset: int = 1) -> Plan:
+    """Plan `steps` steps of `sampler` ("euler_a", "euler", "dpmpp_2m", "ddim").
+
+    schedule (sigma-space samplers): "kdiffusion" (the authors' CompVisDenoiser.get_sigmas;
+      default for euler/euler_a), "diffusers" (that sampler's diffusers scheduler with SD
+      settings; default for dpmpp_2m), "karras" (rho 7 between sigma_min and sigma_max, default
+      the training sigmas' extremes). DDIM has one schedule, diffusers' SD config ("diffusers":
+      leading spacing, `steps_offset`, set_alpha_to_one=False, eta 0, no clipping).
+    training: the training noise schedule (default SD's scaled_linear 0.00085..0.012, 1000).
+    alphas_cumprod: override the (T,) float32 alpha-bars; by default they are computed the way
+      the chosen schedule's reference does ("ldm" precision for kdiffusion, else "diffusers").
+    eta: ancestral noise amount for euler_a (k-diffusion's eta; 1 = diffusers).
+    """
+    if sampler not in SAMPLERS:
+        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ScheduleError(f"{sampler}: steps must be a positive integer, got {steps!r}")
+    schedule = schedule or DEFAULT_SCHEDULE[sampler]
+    allowed = ("diffusers",) if sampler == "ddim" else SIGMA_SCHEDULES
+    if schedule not in allowed:
+        raise ScheduleError(f"{sampler}: schedule {schedule!r} is not one of {allowed}")
+    if not 0.0 <= eta <= 1.0:
+        raise ScheduleError(f"{sampler}: eta must be in [0, 1], got {eta}")
+    training = training or TrainingSchedule()
+    if alphas_cumprod is None:
+        ac = training.alphas_cumprod("ldm" if schedule == "kdiffusion" else "diffusers")
+    else:
+        ac = np.asarray(alphas_cumprod, dtype=np.float32)
+        if ac.ndim != 1 or ac.shape[0] < 2:
+            raise ScheduleError(f"{sampler}: alphas_cumprod must be a 1-D array of the training timesteps, "
+                                f"got shape {ac.shape}")
+    if sampler == "ddim":
+        return _ddim_plan(steps, ac, steps_offset)
+    return _sigma_plan(sampler, steps, schedule, ac, eta, sigma_min, sigma_max)
+
+
+def _sigma_plan(sampler, steps, schedule, ac, eta, sigma_min, sigma_max) -> Plan:
+    train_sigmas = sch.sigmas_from_alphas_cumprod(ac)
+    n_train = len(ac)
+    if schedule == "kdiffusion":
+        sigmas, timesteps = sch.kdiffusion_sigmas(steps, train_sigmas)
+    elif schedule == "diffusers" and sampler == "dpmpp_2m":
+        timesteps = sch.diffusers_dpm_timesteps(steps, n_train).astype(np.float64)
+        sigmas = np.append(train_sigmas.astype(np.float32)[timesteps.astype(np.int64)].astype(np.float64), 0.0)
+    elif schedule == "diffusers":
+        sigmas, timesteps = sch.diffusers_euler_sigmas(steps, train_sigmas)
+    else:  # karras
+        lo = train_sigmas[0] if sigma_min is None else sigma_min
+        hi = train_sigmas[-1] if sigma_max is None else sigma_max
+        if not 0 < lo < hi:
+            raise ScheduleError(f"{sampler}: karras needs 0 < sigma_min < sigma_max, got {lo}, {hi}")
+        # diffusers works with the float32 sigma values, as .item() of float32 arrays.
+        sigmas = sch.karras_sigmas(steps, float(np.float32(lo)), float(np.float32(hi))).astype(np.float32)
+        timesteps = sch.sigma_to_t(sigmas, train_sigmas)
+        if sampler == "dpmpp_2m":  # diffusers' DPM rounds Karras timesteps to integers
+            timesteps = timesteps.round()
+        sigmas = np.append(sigmas.astype(np.float64), 0.0)
+
+    s, s_next = sigmas[:-1], sigmas[1:]
+    sigma_down, sigma_up = s_next, np.zeros(steps)
+    if sampler == "euler_a":
+        sigma_up = np.minimum(s_next, eta * np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+        sigma_down = np.sqrt(s_next ** 2 - sigma_up ** 2)
+    history = np.zeros(steps)
+    if sampler == "dpmpp_2m" and steps > 2:
+        # Second order on steps 1..n-2; the first step has no history and the last (to sigma 0)
+        # is first order (diffusers: lower_order_final / final_sigmas_type="zero"; k-diffusion alike).
+        h = np.log(s[1:-1] / s_next[1:-1])
+        h_last = np.log(s[:-2] / s[1:-1])
+        history[1:-1] = h / (2.0 * h_last)
+    if sampler == "dpmpp_2m" and schedule != "kdiffusion":
+        init = np.sqrt(sigmas[0] ** 2 + 1.0)   # diffusers starts the VP sample at unit variance
+    else:
+        init = sigmas[0]                        # k-diffusion and diffusers' Euler: x = noise * sigma_max
+    return _plan(sampler, timesteps, sigmas, 1.0 / np.sqrt(s ** 2 + 1.0), init,
+                 sigma_down=sigma_down, sigma_up=sigma_up, history_weight=history)
+
+
+def _ddim_plan(steps, ac, steps_offset) -> Plan:
+    timesteps, ratio = sch.ddim_timesteps(steps, len(ac), steps_offset)
+    prev = timesteps[-1] - ratio
+    final = ac[prev] if prev >= 0 else ac[0]  # set_alpha_to_one=False
+    alphas = np.append(ac[timesteps], final)
+    return _plan("ddim", timesteps, sch.sigmas_from_alphas_cumprod(alphas), np.ones(steps), 1.0,
+                 alphas_cumprod=alphas)
+
+
+def _plan(sampler, timesteps, sigmas, input_scale, init, **fields) -> Plan:
+    n = len(timesteps)
+    f32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.float64).astype(np.float32))
+    defaults = {"sigma_down": np.zeros(n), "sigma_up": np.zeros(n), "history_weight": np.zeros(n),
+                "alphas_cumprod": np.zeros(n + 1)}
+    defaults.update(fields)
+    return Plan(sampler=sampler, timesteps=f32(timesteps), sigmas=f32(sigmas), input_scale=f32(input_scale),
+                init_noise_scale=f32(init), **{k: f32(v) for k, v in defaults.items()})
+
+
+# ----------------------------------------------------------------------------- steps (jit-able)
+
+def init_state(plan: Plan, noise: jax.Array) -> SamplerState:
+    x = noise.astype(jnp.float32) * plan.init_noise_scale
+    return SamplerState(x=x, prev_denoised=jnp.zeros_like(x))
+
+
+def model_input(plan: Plan, state: SamplerState, i) -> jax.Array:
+    """The noisy half of the UNet input at step i (float32)."""
+    return state.x * plan.input_scale[i]
+
+
+def is_ancestral(plan: Plan) -> bool:
+    return plan.sampler == "euler_a"
+
+
+def step_noise(keys: jax.Array, i, shape: tuple[int, ...]) -> jax.Array:
+    """Ancestral noise for step i: row b is normal(fold_in(keys[b], i), shape) (float32)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape, jnp.float32))(keys)
+
+
+def step(plan: Plan, state: SamplerState, i, eps: jax.Array, noise: jax.Array | None = None) -> SamplerState:
+    """Advance from step i to i+1 given the model's eps at step i (and ancestral noise for euler_a)."""
+    x, eps = state.x, eps.astype(jnp.float32)
+    sigma = plan.sigmas[i]
+    if plan.sampler in ("euler", "euler_a"):
+        # Euler along d = (x - denoised) / sigma = eps, to sigma_down; then add sigma_up noise.
+        x = x + eps * (plan.sigma_down[i] - sigma)
+        if plan.sampler == "euler_a":
+            if noise is None:
+                raise ValueError("euler_a: step needs ancestral noise")
+            x = x + noise.astype(jnp.float32) * plan.sigma_up[i]
+        return SamplerState(x=x, prev_denoised=state.prev_denoised)
+    if plan.sampler == "dpmpp_2m":
+        denoised = x - sigma * eps
+        w = plan.history_weight[i]
+        target = (1.0 + w) * denoised - w * state.prev_denoised
+        ratio = plan.sigmas[i + 1] / sigma            # exp(-h), h = log(sigma / sigma_next)
+        return SamplerState(x=ratio * x + (1.0 - ratio) * target, prev_denoised=denoised)
+    # ddim, eta 0: predict x0, then move to the previous alpha-bar along the same eps.
+    a, a_prev = plan.alphas_cumprod[i], plan.alphas_cumprod[i + 1]
+    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    return SamplerState(x=jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, prev_denoised=state.prev_denoised)
+
+
+def sample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array, plan: Plan,
+           keys: jax.Array | None = None, *, ancestral_noise: jax.Array | None = None) -> jax.Array:
+    """Run all plan steps with lax.fori_loop; returns the final latents (float32, noise's shape).
+
+    keys: (B,) PRNG keys (typed or raw uint32 (B, 2)), needed by euler_a unless
+    `ancestral_noise` (steps, B, ...) gives the per-step noise explicitly.
+    """
+    batch, shape = noise.shape[0], noise.shape[1:]
+    if is_ancestral(plan) and ancestral_noise is None:
+        if keys is None:
+            raise ValueError(f"{plan.sampler}: needs per-example PRNG keys (or ancestral_noise)")
+        if keys.shape[0] != batch:
+            raise ValueError(f"{plan.sampler}: {keys.shape[0]} keys for a batch of {batch}")
+    if ancestral_noise is not None and ancestral_noise.shape != (plan.steps,) + noise.shape:
+        raise ValueError(f"{plan.sampler}: ancestral_noise has shape {ancestral_noise.shape}, "
+                         f"expected {(plan.steps,) + noise.shape}")
+
+    def body(i, state):
+        eps = eps_fn(model_input(plan, state, i), plan.timesteps[i])
+        z = None
+        if is_ancestral(plan):
+            z = ancestral_noise[i] if ancestral_noise is not None else step_noise(keys, i, shape)
+        return step(plan, state, i, eps, z)
+
+    return jax.lax.fori_loop(0, plan.steps, body, init_state(plan, noise)).x

@@ -1,0 +1,385 @@
+"""EditPipeline: edit images from written instructions with an InstructPix2Pix model.
+
+    pipe = EditPipeline.from_pretrained("path/or/owner-name")
+    result = pipe.edit(image, "make it winter", seed=0)
+    result.images[0].save("winter.png"); result.settings[0]["seed"]
+
+This is the one place that knows the 3-way guidance batch: the whole edit (VAE encode of the
+input's posterior mode, every sampler step over [cond, image-only, uncond] rows, VAE decode) is
+one jitted function over a ('data',) device mesh: the batch axis is sharded, params replicated.
+Each output's noise comes from its own seed, so results do not depend on the device count or
+on the rest of the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import warnings
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ip2p_jax import images as imlib
+from ip2p_jax import sharding
+from ip2p_jax.diffusion import guidance, samplers
+from ip2p_jax.diffusion.schedules import TrainingSchedule
+
+DTYPE_NAMES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+               "fp16": jnp.float16, "float16": jnp.float16}
+RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
+RANDOM_IMAGE_SCALE = (1.2, 1.8)
+PER_DEVICE_BATCH = 8               # default edits per device in one compiled call
+SEED_LIMIT = 2 ** 32
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """None -> bfloat16 on GPU/TPU, float32 on CPU; names 'fp32'/'bf16'/'fp16' or dtypes."""
+    if dtype is None:
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        return jnp.dtype(DTYPE_NAMES[dtype])
+    d = jnp.dtype(dtype)
+    if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {d}")
+    return d
+
+
+@dataclasses.dataclass
+class EditOutput:
+    image: Any            # PIL RGB
+    array: np.ndarray     # float32 (H, W, 3) in [0, 1], before 8-bit rounding
+    settings: dict        # everything needed to reproduce it (seed included)
+
+
+@dataclasses.dataclass
+class EditResult:
+    """Outputs in order: image 0 samples 0..n-1, image 1 samples 0..n-1, ..."""
+    outputs: list
+
+    @property
+    def images(self) -> list:
+        return [o.image for o in self.outputs]
+
+    @property
+    def arrays(self) -> list:
+        return [o.array for o in self.outputs]
+
+    @property
+    def settings(self) -> list:
+        return [o.settings for o in self.outputs]
+
+    @property
+    def seeds(self) -> list:
+        return [o.settings["seed"] for o in self.outputs]
+
+
+@dataclasses.dataclass
+class _Job:
+    index: int
+    pair: int
+    sample: int
+    image: Any                 # resized PIL image the model edits
+    instruction: str
+    seed: int
+    text_scale: float
+    image_scale: float
+    settings: dict
+
+
+class EditPipeline:
+    """An InstructPix2Pix model placed on a device mesh, ready to edit.
+
+    components: ip2p_jax.weights.Components (configs, numpy params, tokenizer, scheduler config).
+    dtype: params and compute dtype (None: bf16 on GPU/TPU, fp32 on CPU).
+    mesh: a ('data',) mesh (default: all devices; see ip2p_jax.sharding.data_mesh).
+    attention_impl: "auto" (cuDNN fused attention on GPU in bf16/fp16), "xla" or "cudnn".
+    """
+
+    def __init__(self, components, *, dtype=None, mesh: Mesh | None = None, attention_impl: str = "auto",
+                 source: str | None = None):
+        from ip2p_jax.models.clip import CLIPTextModel
+        from ip2p_jax.models.unet import UNet2DConditionModel
+        from ip2p_jax.models.vae import AutoencoderKL
+
+        c = components
+        self.dtype = resolve_dtype(dtype)
+        self.mesh = mesh if mesh is not None else sharding.data_mesh()
+        if sharding.DATA not in self.mesh.axis_names or len(self.mesh.axis_names) != 1:
+            raise ValueError(f"EditPipeline needs a 1-D ('data',) mesh, got axes {self.mesh.axis_names}")
+        latent = c.vae_config.latent_channels
+        if c.unet_config.in_channels != 2 * latent:
+            raise ValueError(f"{source or c.source or 'model'}: not an InstructPix2Pix model: its UNet takes "
+                             f"{c.unet_config.in_channels} input channels, editing needs {2 * latent} "
+                             "(noisy latents + image latents)")
+        self.source = source or c.source or ""
+        self.vae_scale = 2 ** (len(c.vae_config.block_out_channels) - 1)   # pixels per latent
+        self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
+        self.unet = UNet2DConditionModel(c.unet_config, dtype=self.dtype, attention_impl=attention_impl)
+        self.vae = AutoencoderKL(c.vae_config, dtype=self.dtype, attention_impl=attention_impl)
+        self.text_encoder = CLIPTextModel(c.text_config, dtype=self.dtype, attention_impl=attention_impl)
+        self.tokenizer = c.tokenizer
+        self.scheduler_config = dict(c.scheduler_config or {})
+        self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
+        self.steps_offset = int(self.scheduler_config.get("steps_offset", 1) or 0)
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), tree)  # noqa: E731
+        self.params = sharding.replicate(
+            {"unet": cast(c.unet_params), "vae": cast(c.vae_params), "text": cast(c.text_params)}, self.mesh)
+        self._edit_jit = self._build_edit()
+        self._text_jit = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids),
+                                 out_shardings=sharding.replicated(self.mesh))
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, *, dtype=None, mesh: Mesh | None = None,
+                        attention_impl: str = "auto", **load_kwargs) -> "EditPipeline":
+        """Load a diffusers folder, single-file checkpoint or hub id (see ip2p_jax.weights.load)."""
+        from ip2p_jax.weights import load
+
+        d = resolve_dtype(dtype)
+        components = load(path_or_hub_id, dtype=np.dtype(d), **load_kwargs)
+        return cls(components, dtype=d, mesh=mesh, attention_impl=attention_impl,
+                   source=str(path_or_hub_id))
+
+    @property
+    def num_devices(self) -> int:
+        return sharding.data_size(self.mesh)
+
+    # ------------------------------------------------------------------ compiled pieces
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, 77, D) last hidden states in the compute dtype. Batches are padded to a power of two
+        so a few compiled shapes serve every call."""
+        from ip2p_jax.data.tokenize import tokenize
+
+        ids = tokenize(self.tokenizer, list(texts))
+        n = len(ids)
+        bucket = 1 << max(1, (n - 1).bit_length())
+        ids = sharding.pad_rows(ids, bucket)
+        out = self._text_jit(self.params["text"], sharding.to_global(ids, sharding.replicated(self.mesh)))
+        return sharding.to_host(out)[:n]
+
+    def _build_edit(self):
+        unet, vae = self.unet, self.vae
+        scaling = float(self.vae_config.scaling_factor)
+        batch = sharding.batch_sharding(self.mesh)
+        rep = sharding.replicated(self.mesh)
+
+        def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+            # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
+            mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
+            image_latents = jax.lax.with_sharding_constraint(mean, batch)
+            keys = jax.vmap(jax.random.key)(seeds)
+            start_keys, step_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+            if init_noise is None:
+                init_noise = jax.vmap(lambda k: jax.random.normal(k, image_latents.shape[1:], jnp.float32))(
+                    start_keys)
+            init_noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
+
+            def model_fn(x, t, text):
+                return unet.apply({"params": params["unet"]}, x, t, text)
+
+            eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
+            latents = samplers.sample(eps_fn, init_noise, plan, step_keys)
+            decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
+            return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+        donate = () if jax.default_backend() == "cpu" else (2, 6)   # pixels and noise buffers
+        return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
+                       out_shardings=batch, donate_argnums=donate)
+
+    def plan(self, sampler: str, steps: int, schedule: str | None = None) -> samplers.Plan:
+        """The sampler plan (schedule arrays) for this model's training schedule."""
+        return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule,
+                                  steps_offset=self.steps_offset)
+
+    # ------------------------------------------------------------------ editing
+
+    def edit(self, images, instructions, *, progress: bool = True, **kwargs) -> EditResult:
+        """Edit each image with its instruction; returns an EditResult (outputs in order).
+
+        images: one or a list of PIL images, arrays (HW / HWC; uint8, uint16 or float in [0, 1])
+          or file paths. instructions: one string (for every image) or one per image; "" returns
+          the resized input. A single image with several instructions edits it once per instruction.
+        steps, sampler ("euler_a", "euler", "ddim", "dpmpp_2m"), schedule (None: the sampler's
+          default; see ip2p_jax.diffusion.samplers.make_plan).
+        text_scale, image_scale: numbers or one per image (a guidance sweep is one call).
+        randomize_scales: draw text scale in U[6, 9] and image scale in U[1.2, 1.8] per image.
+        seed: None (random, reported), an int (output i gets seed + i) or one per image (sample k
+          of image j gets seed[j] + k). An output's noise depends only on its seed.
+        latents: optional initial noise (outputs, H/8, W/8, 4), standard normal, unscaled.
+        num_samples: outputs per image. resolution, resize ("authors" | "keep"): see
+          ip2p_jax.images.resize_for_edit. batch_size: edits per compiled call (default 8 per device).
+        names: labels for messages and settings (default "image 0", ...). max_pixels: input limit.
+        """
+        outs = sorted(self.iter_edit(images, instructions, progress=progress, **kwargs),
+                      key=lambda o: o.settings["index"])
+        return EditResult(outs)
+
+    def iter_edit(self, images, instructions, *, steps: int = 100, text_scale=7.5, image_scale=1.5,
+                  sampler: str = "euler_a", schedule: str | None = None, seed=None, latents=None,
+                  num_samples: int = 1, resolution: int = 512, resize: str = "authors",
+                  randomize_scales: bool = False, batch_size: int | None = None, names=None,
+                  max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
+                  progress: bool = False) -> Iterator[EditOutput]:
+        """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
+        plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
+        jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
+                          sampler=sampler, schedule=schedule or samplers.DEFAULT_SCHEDULE[sampler], seed=seed,
+                          num_samples=num_samples, resolution=resolution, resize=resize,
+                          randomize_scales=randomize_scales, names=names, max_pixels=max_pixels,
+                          max_edit_pixels=max_edit_pixels)
+        noise = self._check_latents(latents, jobs)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(jobs), desc="editing", unit="img")
+        try:
+            for job in jobs:
+                if job.instruction == "":   # nothing to do: the resized input itself
+                    arr = np.asarray(job.image, np.float32) / 255.0
+                    yield EditOutput(job.image.copy(), arr, job.settings)
+                    bar and bar.update(1)
+            work = [j for j in jobs if j.instruction != ""]
+            if not work:
+                return
+            texts = sorted({j.instruction for j in work})
+            emb = self.encode_text(texts + [""])
+            row = {t: i for i, t in enumerate(texts)}
+            null = emb[-1]
+            groups: dict[tuple[int, int], list[_Job]] = {}
+            for j in work:
+                groups.setdefault(j.image.size, []).append(j)
+            per_call = batch_size or PER_DEVICE_BATCH * self.num_devices
+            for group in groups.values():
+                size = sharding.padded_size(min(per_call, len(group)), self.num_devices)
+                for start in range(0, len(group), size):
+                    chunk = group[start:start + size]
+                    for out in self._run_chunk(plan, chunk, size, emb, row, null, noise):
+                        yield out
+                        bar and bar.update(1)
+        finally:
+            bar and bar.close()
+
+    def _run_chunk(self, plan, chunk: list, size: int, emb, row, null, noise) -> list:
+        batch = sharding.batch_sharding(self.mesh)
+        rep = sharding.replicated(self.mesh)
+        pad = lambda a: sharding.to_global(sharding.pad_rows(np.asarray(a), size), batch)  # noqa: E731
+        pixels = pad(np.stack([imlib.to_model_array(j.image) for j in chunk]))
+        cond = pad(emb[[row[j.instruction] for j in chunk]])
+        seeds = pad(np.array([j.seed for j in chunk], np.uint32))
+        ts = pad(np.array([j.text_scale for j in chunk], np.float32))
+        iscale = pad(np.array([j.image_scale for j in chunk], np.float32))
+        init = None if noise is None else pad(noise[[j.index for j in chunk]])
+        out = self._edit_jit(self.params, plan, pixels, cond, sharding.to_global(null, rep), seeds, init, ts, iscale)
+        arrays = sharding.to_host(out)[:len(chunk)]
+        return [EditOutput(imlib.from_unit_array(a), a, j.settings) for j, a in zip(chunk, arrays)]
+
+    # ------------------------------------------------------------------ request -> jobs
+
+    def _jobs(self, images, instructions, *, steps, text_scale, image_scale, sampler, schedule, seed,
+              num_samples, resolution, resize, randomize_scales, names, max_pixels, max_edit_pixels) -> list:
+        if resize not in imlib.RESIZE_MODES:
+            raise ValueError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
+        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if resize == "authors" and (int(resolution) != resolution or resolution < 64):
+            raise ValueError(f"resolution must be an integer >= 64, got {resolution!r}")
+        imgs = list(images) if isinstance(images, (list, tuple)) else [images]
+        texts = [instructions] if isinstance(instructions, str) else list(instructions)
+        if not imgs or not texts:
+            raise ValueError("edit needs at least one image and one instruction")
+        if any(not isinstance(t, str) for t in texts):
+            raise ValueError("instructions must be strings")
+        if len(imgs) == 1 and len(texts) > 1:
+            imgs = imgs * len(texts)
+        elif len(texts) == 1:
+            texts = texts * len(imgs)
+        elif len(texts) != len(imgs):
+            raise ValueError(f"{len(imgs)} images but {len(texts)} instructions: give one instruction, "
+                             "one image, or as many of each")
+        n = len(imgs)
+        names = [str(x) for x in names] if names is not None else [
+            x if isinstance(x, (str, os.PathLike)) else f"image {i}" for i, x in enumerate(imgs)]
+        if len(names) != n:
+            raise ValueError(f"{len(names)} names for {n} images")
+        names = [os.fspath(x) for x in names]
+
+        base = secrets.randbelow(2 ** 31) if seed is None else None
+        if seed is None:
+            seeds = [[base + j * num_samples + k for k in range(num_samples)] for j in range(n)]
+        elif np.ndim(seed) == 0:
+            seeds = [[int(seed) + j * num_samples + k for k in range(num_samples)] for j in range(n)]
+        else:
+            per = [int(s) for s in seed]
+            if len(per) != n:
+                raise ValueError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
+            seeds = [[s + k for k in range(num_samples)] for s in per]
+        flat = [s for row in seeds for s in row]
+        if min(flat) < 0 or max(flat) >= SEED_LIMIT:
+            raise ValueError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
+
+        t_scales, i_scales = _per_item(text_scale, n, "text_scale"), _per_item(image_scale, n, "image_scale")
+        if randomize_scales:
+            rng = np.random.default_rng(seeds[0][0])
+            t_scales = [round(float(v), 3) for v in rng.uniform(*RANDOM_TEXT_SCALE, n)]
+            i_scales = [round(float(v), 3) for v in rng.uniform(*RANDOM_IMAGE_SCALE, n)]
+
+        resized: dict[int, tuple] = {}   # the same input object is read and resized once
+        jobs = []
+        for j in range(n):
+            key = id(imgs[j])
+            if key not in resized:
+                src = imgs[j]
+                rgb = (imlib.load_image(os.fspath(src), max_pixels=max_pixels)
+                       if isinstance(src, (str, os.PathLike)) else imlib.to_rgb(src, name=names[j]))
+                imlib.check_pixels(rgb.size, max_pixels, name=names[j])
+                resized[key] = (rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution,
+                                                                name=names[j], max_edit_pixels=max_edit_pixels))
+            in_size, img = resized[key]
+            for k in range(num_samples):
+                settings = {
+                    "index": len(jobs), "pair_index": j, "sample_index": k, "name": names[j],
+                    "instruction": texts[j], "seed": seeds[j][k],
+                    "text_scale": t_scales[j], "image_scale": i_scales[j],
+                    "steps": steps, "sampler": sampler, "schedule": schedule,
+                    "resize": resize, "resolution": resolution if resize == "authors" else None,
+                    "input_size": list(in_size), "size": list(img.size), "dtype": self.dtype.name,
+                }
+                if texts[j] == "":
+                    settings["note"] = "empty instruction: the resized input is returned unchanged"
+                jobs.append(_Job(len(jobs), j, k, img, texts[j], seeds[j][k], t_scales[j], i_scales[j], settings))
+        if randomize_scales:
+            for jb in jobs:
+                jb.settings["randomized_scales"] = True
+        return jobs
+
+    def _check_latents(self, latents, jobs) -> np.ndarray | None:
+        if latents is None:
+            return None
+        lat = np.asarray(latents, np.float32)
+        sizes = {j.image.size for j in jobs}
+        if len(sizes) != 1:
+            raise ValueError("latents can only be given when every output has the same size; got sizes "
+                             f"{sorted(sizes)}")
+        w, h = sizes.pop()
+        f = self.vae_scale
+        want = (len(jobs), h // f, w // f, self.vae_config.latent_channels)
+        if lat.shape != want:
+            raise ValueError(f"latents must have shape (outputs, H/8, W/8, C) = {want} (NHWC), got {lat.shape}")
+        for jb in jobs:
+            jb.settings["latents"] = "given"
+        return lat
+
+
+def _per_item(value, n: int, name: str) -> list[float]:
+    if np.ndim(value) == 0:
+        return [float(value)] * n
+    vals = [float(v) for v in value]
+    if len(vals) != n:
+        raise ValueError(f"{name}: {len(vals)} values for {n} images (give one number, or one per image)")
+    return vals

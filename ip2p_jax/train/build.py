@@ -1,0 +1,177 @@
+"""What a run trains and with what: the Flax modules, the initial trainable params, the frozen parts.
+
+Three initialisations (config.model):
+  init = a Stable Diffusion 1.x/2.x model (4-channel UNet; diffusers folder, single file or hub id):
+         conv_in widened to 8 channels (extra kernels zero, bias kept) -- the paper's start;
+  init = an InstructPix2Pix model (8-channel UNet): continue fine-tuning;
+  init = ""  from scratch: the UNet from config.model.unet (a diffusers UNet config dict), random.
+The VAE, text encoder, tokenizer and scheduler come from `init`, else from `frozen_from` (a
+model folder), else (scratch, small models) the VAE / text encoder are random from
+config.model.vae / config.model.text_encoder and the tokenizer is read from config.model.tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ip2p_jax.diffusion.schedules import TrainingSchedule
+from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.train.step import Models, StepConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_SCHEDULER = {  # what we write into exported folders when the run had no scheduler config
+    "_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+    "timestep_spacing": "linspace", "steps_offset": 1,
+}
+
+
+class BuildError(ValueError):
+    """The run's model settings are inconsistent or incomplete."""
+
+
+@dataclasses.dataclass
+class Built:
+    models: Models
+    step_config: StepConfig
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_config: CLIPTextConfig
+    params: dict          # trainable, host: {'unet': ...} (+ 'text_encoder')
+    frozen: dict          # {'vae', 'text_encoder' (frozen), 'null_embedding' | 'null_ids', 'alphas_cumprod'}
+    tokenizer: Any
+    scheduler_config: dict
+    notes: list
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise BuildError(f"model.compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _plain(d) -> dict:
+    return d.to_dict() if hasattr(d, "to_dict") else dict(d)
+
+
+def _random_params(module, key, *args) -> dict:
+    return jax.device_get(jax.jit(lambda k: module.init(k, *args)["params"])(key))
+
+
+def load_components(path: str):
+    from ip2p_jax.weights import load  # diffusers/transformers-backed readers: imported only when used
+
+    return load(path, dtype=np.float32, progress=True)
+
+
+def build(config, *, load_weights: bool = True) -> Built:
+    """Resolve config.model / config.train into modules and host params (numpy), see the module doc.
+
+    load_weights=False (export of a scratch run, restore) skips random inits where only configs matter.
+    """
+    m = config.model
+    notes: list[str] = []
+    dtype = compute_dtype(m.compute_dtype)
+    key_unet, key_vae, key_text = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+    init = m.init
+    src = load_components(init) if init else (load_components(m.frozen_from) if m.frozen_from else None)
+    if init:
+        unet_config, unet_params = src.unet_config, src.unet_params
+        if unet_config.in_channels == 4:
+            from ip2p_jax.weights import expand_conv_in
+            unet_params, unet_config = expand_conv_in(unet_params, unet_config, 8)
+            notes.append(f"unet: {init} has 4 input channels; conv_in widened to 8 (extra kernels zero, bias kept)")
+        elif unet_config.in_channels == 8:
+            notes.append(f"unet: continuing from the InstructPix2Pix UNet in {init}")
+        else:
+            raise BuildError(f"{init}: UNet has {unet_config.in_channels} input channels (need 4 or 8)")
+    else:
+        unet_config = UNetConfig.from_dict(_plain(m.unet), source="config.model.unet")
+        if unet_config.in_channels != 8:
+            raise BuildError(f"config.model.unet.in_channels must be 8, got {unet_config.in_channels}")
+        unet_params = None
+        notes.append("unet: random init from config.model.unet")
+
+    if src is not None:
+        vae_config, vae_params = src.vae_config, src.vae_params
+        text_config, text_params = src.text_config, src.text_params
+        tokenizer, scheduler_config = src.tokenizer, dict(src.scheduler_config)
+    else:
+        vae_config = VAEConfig.from_dict(_plain(m.vae), source="config.model.vae")
+        text_config = CLIPTextConfig.from_dict(_plain(m.text_encoder), source="config.model.text_encoder")
+        vae_params = text_params = None
+        if not m.tokenizer:
+            raise BuildError("training from scratch without model.frozen_from needs model.tokenizer "
+                             "(a tokenizer folder, or a model folder with tokenizer/)")
+        from ip2p_jax.data.tokenize import load_tokenizer
+        tokenizer, scheduler_config = load_tokenizer(m.tokenizer), dict(DEFAULT_SCHEDULER)
+        notes.append("vae, text_encoder: random init (config.model.vae / text_encoder)")
+
+    if unet_config.cross_attention_dim != text_config.hidden_size:
+        raise BuildError(f"UNet cross_attention_dim={unet_config.cross_attention_dim} != text encoder "
+                         f"hidden_size={text_config.hidden_size}")
+    if unet_config.out_channels != vae_config.latent_channels:
+        raise BuildError(f"UNet out_channels={unet_config.out_channels} != VAE latent_channels="
+                         f"{vae_config.latent_channels}")
+
+    prediction_type = m.prediction_type or scheduler_config.get("prediction_type") or "epsilon"
+    scheduler_config["prediction_type"] = prediction_type
+    schedule = TrainingSchedule(**{f.name: scheduler_config[f.name] for f in dataclasses.fields(TrainingSchedule)
+                                   if scheduler_config.get(f.name) is not None})
+
+    models = Models(
+        unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat),
+        vae=AutoencoderKL(vae_config, dtype=dtype, attention_impl=m.attention_impl),
+        text_encoder=CLIPTextModel(text_config, dtype=dtype, attention_impl=m.attention_impl))
+    if load_weights:
+        if unet_params is None:
+            h = 2 ** (len(unet_config.block_out_channels) - 1)
+            unet_params = _random_params(models.unet.clone(dtype=jnp.float32), key_unet,
+                                         jnp.zeros((1, h, h, 8)), jnp.zeros((1,), jnp.int32),
+                                         jnp.zeros((1, 77, text_config.hidden_size)))
+        if vae_params is None:
+            vae_params = _random_params(models.vae.clone(dtype=jnp.float32), key_vae, jnp.zeros((1, 8, 8, 3)))
+        if text_params is None:
+            text_params = _random_params(models.text_encoder.clone(dtype=jnp.float32), key_text,
+                                         jnp.zeros((1, 77), jnp.int32))
+
+    from ip2p_jax.data.tokenize import tokenize
+    null_ids = tokenize(tokenizer, [""])
+    params = {"unet": unet_params}
+    frozen = {"vae": vae_params, "alphas_cumprod": schedule.alphas_cumprod()}
+    if m.train_text_encoder:
+        params["text_encoder"] = text_params
+        frozen["null_ids"] = null_ids
+        notes.append("text_encoder: trained")
+    else:
+        frozen["text_encoder"] = text_params
+        if load_weights:
+            frozen["null_embedding"] = np.asarray(jax.jit(models.text_encoder.apply)({"params": text_params},
+                                                                                     null_ids), np.float32)
+    t = config.train
+    step_config = StepConfig(grad_accum=t.grad_accum, cond_dropout_prob=t.cond_dropout_prob,
+                             prediction_type=prediction_type, ema_decay=t.ema_decay,
+                             scaling_factor=vae_config.scaling_factor, compute_dtype=dtype)
+    return Built(models=models, step_config=step_config, unet_config=unet_config, vae_config=vae_config,
+                 text_config=text_config, params=params, frozen=frozen, tokenizer=tokenizer,
+                 scheduler_config=scheduler_config, notes=notes)
+
+
+def export_components(built: Built, ema_params: dict, frozen_text_params: Optional[dict] = None):
+    """A weights.Components of the run: the EMA UNet (and EMA text encoder when trained) + frozen parts."""
+    from ip2p_jax.weights import Components
+
+    text = ema_params.get("text_encoder", frozen_text_params if frozen_text_params is not None
+                          else built.frozen.get("text_encoder"))
+    to_np = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)  # noqa: E731
+    return Components(unet_config=built.unet_config, unet_params=to_np(ema_params["unet"]),
+                      vae_config=built.vae_config, vae_params=to_np(built.frozen["vae"]),
+                      text_config=built.text_config, text_params=to_np(text), tokenizer=built.tokenizer,
+                      scheduler_config=built.scheduler_config, notes=list(built.notes))

@@ -1,0 +1,225 @@
+"""Two ways to run the one train step on many devices and hosts.
+
+PmapRunner   jax.pmap over each host's local devices, axis 'batch', gradients lax.pmean'ed
+             (pure data parallel; the state is replicated, stacked on a leading device axis).
+MeshRunner   jax.jit with in/out shardings on a ('data', 'fsdp') mesh over all devices: the
+             batch is split over both axes; params, optimizer state, EMA (and the frozen
+             VAE/text encoder) are sharded over 'fsdp' along their largest divisible axis and
+             replicated over 'data'. fsdp=1 is data parallel under GSPMD.
+
+Both take host-local numpy batches (each host its own slice of the global batch), add the
+global `example_id`s the step keys its randomness on, and convert the state to / from global
+arrays for orbax (`to_global`, `restore_target`, `from_global`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ip2p_jax.train.state import TrainState, abstract_train_state, create_train_state
+from ip2p_jax.train.step import make_train_step
+
+MODES = ("pmap", "jit")
+
+
+def add_example_ids(local_batch: dict, local_size: int) -> dict:
+    """Global example ids for this host's slice: process_index * local_size + arange(local_size)."""
+    start = jax.process_index() * local_size
+    return {**local_batch, "example_id": np.arange(start, start + local_size, dtype=np.int32)}
+
+
+def local_batch_size(batch: dict) -> int:
+    sizes = {k: np.shape(v)[0] for k, v in batch.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch arrays disagree on the batch size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays (replicated, sharded, multi-host) -> host numpy, same values on every host."""
+    def get(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
+
+
+def _replicated_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("all",))
+
+
+class PmapRunner:
+    """Pure data parallel: pmap over local devices; the global batch is split over all devices."""
+
+    mode = "pmap"
+
+    def __init__(self, models, step_cfg, tx, lr_schedule):
+        self.devices = jax.local_devices()
+        self.n = len(self.devices)
+        self.local_mesh = Mesh(np.asarray(self.devices), ("batch",))
+        self.stacked = NamedSharding(self.local_mesh, P("batch"))
+        self.tx = tx
+        step = make_train_step(models, step_cfg, tx, lr_schedule, axis_name="batch")
+        self._step = jax.pmap(step, axis_name="batch", donate_argnums=(0,))
+
+    @property
+    def num_devices(self) -> int:
+        return jax.device_count()
+
+    def _replicate(self, tree):
+        def rep(x):
+            x = np.asarray(x) if not isinstance(x, jax.Array) else x
+            shards = [jax.device_put(x[None], d) for d in self.devices]
+            return jax.make_array_from_single_device_arrays((self.n,) + x.shape, self.stacked, shards)
+        return jax.tree.map(rep, tree)
+
+    def init_state(self, params: Any, seed: int) -> TrainState:
+        return jax.pmap(lambda p: create_train_state(p, self.tx, seed))(self._replicate(params))
+
+    def put_frozen(self, frozen: dict) -> dict:
+        return self._replicate(frozen)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        b = local_batch_size(local_batch)
+        if b % self.n:
+            raise ValueError(f"host batch of {b} does not split over {self.n} local devices")
+        batch = add_example_ids(local_batch, b)
+        return jax.tree.map(lambda x: jax.device_put(
+            np.asarray(x).reshape((self.n, b // self.n) + np.shape(x)[1:]), self.stacked), batch)
+
+    def step(self, state, frozen, batch):
+        return self._step(state, frozen, batch)
+
+    def scalars(self, metrics: dict) -> dict:
+        return {k: np.asarray(v.addressable_data(0)).reshape(-1)[0].item() for k, v in metrics.items()}
+
+    # --- checkpoints: the replicated stack <-> one global array replicated over all devices ---
+    def to_global(self, state):
+        mesh = _replicated_mesh()
+
+        def glob(x):
+            shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape[1:], NamedSharding(mesh, P()), shards)
+        return jax.tree.map(glob, state)
+
+    def restore_target(self, abstract_state):
+        sh = NamedSharding(_replicated_mesh(), P())
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state)
+
+    def from_global(self, state):
+        def stack(x):
+            by_device = {s.device: s.data for s in x.addressable_shards}
+            shards = [jax.device_put(by_device[d][None], d) for d in self.devices]
+            return jax.make_array_from_single_device_arrays((self.n,) + x.shape, self.stacked, shards)
+        return jax.tree.map(stack, state)
+
+
+def fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> P:
+    """Shard the largest axis divisible by `fsdp` over 'fsdp' (arrays of >= min_size elements)."""
+    if fsdp <= 1 or math.prod(shape) < min_size:
+        return P()
+    axes = sorted((i for i, d in enumerate(shape) if d % fsdp == 0 and d >= fsdp), key=lambda i: -shape[i])
+    if not axes:
+        return P()
+    spec = [None] * len(shape)
+    spec[axes[0]] = "fsdp"
+    return P(*spec)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    n = jax.device_count()
+    if data == -1:
+        if n % fsdp:
+            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+class MeshRunner:
+    """jit with in/out shardings on a ('data', 'fsdp') mesh."""
+
+    mode = "jit"
+
+    def __init__(self, models, step_cfg, tx, lr_schedule, mesh: Mesh, fsdp_min_size: int = 2 ** 14):
+        self.mesh = mesh
+        self.fsdp = mesh.shape["fsdp"]
+        self.min_size = fsdp_min_size
+        self.tx = tx
+        self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+        self.replicated = NamedSharding(mesh, P())
+        self._models, self._step_cfg, self._lr = models, step_cfg, lr_schedule
+        self._compiled = None
+        self._state_sh = None
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def shardings(self, abstract_tree):
+        return jax.tree.map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, self.fsdp, self.min_size)),
+                            abstract_tree)
+
+    def init_state(self, params: Any, seed: int) -> TrainState:
+        abstract = abstract_train_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32),
+                                                     params), self.tx)
+        self._state_sh = self.shardings(abstract)
+        params = jax.device_put(params, self._state_sh.params)
+        return jax.jit(lambda p: create_train_state(p, self.tx, seed), out_shardings=self._state_sh)(params)
+
+    def put_frozen(self, frozen: dict) -> dict:
+        self._frozen_sh = self.shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), frozen))
+        return jax.device_put(frozen, self._frozen_sh)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        b = local_batch_size(local_batch)
+        batch = add_example_ids(local_batch, b)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
+                            batch)
+
+    def _compile(self):
+        step = make_train_step(self._models, self._step_cfg, self.tx, self._lr,
+                               grad_shardings=self._state_sh.params)
+        return jax.jit(step, in_shardings=(self._state_sh, self._frozen_sh, self.batch_sharding),
+                       out_shardings=(self._state_sh, self.replicated), donate_argnums=(0,))
+
+    def step(self, state, frozen, batch):
+        if self._compiled is None:
+            self._compiled = self._compile()
+        return self._compiled(state, frozen, batch)
+
+    def scalars(self, metrics: dict) -> dict:
+        return {k: np.asarray(v.addressable_data(0)).item() for k, v in metrics.items()}
+
+    def to_global(self, state):
+        return state
+
+    def restore_target(self, abstract_state):
+        sh = self.shardings(abstract_state)
+        self._state_sh = sh
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, sh)
+
+    def from_global(self, state):
+        return state
+
+
+def make_runner(mode: str, models, step_cfg, tx, lr_schedule, *, mesh_data: int = -1, fsdp: int = 1,
+                fsdp_min_size: int = 2 ** 14):
+    if mode == "pmap":
+        if fsdp != 1:
+            raise ValueError("fsdp > 1 needs parallel.mode='jit' (pmap replicates the state)")
+        return PmapRunner(models, step_cfg, tx, lr_schedule)
+    if mode == "jit":
+        return MeshRunner(models, step_cfg, tx, lr_schedule, make_mesh(mesh_data, fsdp), fsdp_min_size)
+    raise ValueError(f"parallel.mode must be one of {MODES}, got {mode!r}")

@@ -1,0 +1,83 @@
+"""Train state (trainable params fp32, AdamW state, EMA, counters, RNG), the optimizer and the EMA rule.
+
+Imports only jax/flax/optax so scripts/benchmark_train.py can use it on machines without
+ml_collections, grain or diffusers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array             # int32: batches consumed (advances on skipped steps too)
+    updates: jax.Array          # int32: optimizer updates applied (EMA warm-up and LR schedule count)
+    params: Any                 # trainable params, fp32: {'unet': ...} (+ 'text_encoder' when trained)
+    opt_state: Any
+    ema_params: Any             # EMA of `params`, fp32
+    rng: jax.Array              # uint32[2] root key; step and example keys are folded in from it
+    nonfinite_run: jax.Array    # int32: consecutive steps skipped for a non-finite loss/gradient
+    nonfinite_total: jax.Array  # int32: all skipped steps
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0          # linear warm-up from 0 to learning_rate, then constant
+    weight_decay: float = 1e-2     # torch.optim.AdamW's default, as the authors' optimizer
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0     # global-norm clipping; 0 turns it off
+
+    @classmethod
+    def from_mapping(cls, m) -> "OptimizerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: m[k] for k in names if k in m})
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    if cfg.warmup_steps > 0:
+        return optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (optional) then AdamW with decoupled weight decay on every parameter."""
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def ema_decay(num_updates: jax.Array, decay: float) -> jax.Array:
+    """The authors' (LitEma) warm-up: min(decay, (1+n)/(10+n)), n = updates applied so far, this one included."""
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, num_updates: jax.Array, decay: float) -> Any:
+    """ema <- ema - (1 - d) * (ema - params), d = ema_decay(num_updates, decay)."""
+    one_minus = 1.0 - ema_decay(num_updates, decay)
+    return jax.tree.map(lambda e, p: e - one_minus * (e - p.astype(e.dtype)), ema, params)
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state; the EMA starts as a copy of the params (distinct buffers, so the state can be donated)."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero, updates=zero, params=params, opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed),
+        nonfinite_run=zero, nonfinite_total=zero)
+
+
+def abstract_train_state(abstract_params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """The state's shapes and dtypes without allocating it (for sharded init and checkpoint restore)."""
+    return jax.eval_shape(lambda p: create_train_state(p, tx, 0), abstract_params)

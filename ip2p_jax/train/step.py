@@ -1,0 +1,189 @@
+"""The InstructPix2Pix train step, written once; run it under pmap (axis_name) or jit (shardings).
+
+Per example: VAE-encode the edited image (posterior sample x scaling_factor) and the input image
+(posterior mode, unscaled), encode the instruction, apply conditioning dropout, add noise at a
+uniform timestep, and regress eps (or v) with an MSE. Gradients are accumulated over
+`grad_accum` micro-batches, averaged over devices (lax.pmean under pmap; the jit path sees the
+global batch), clipped and applied by AdamW; the EMA follows. A non-finite loss or gradient
+norm skips the update (params, optimizer state and EMA unchanged) and is counted.
+
+Randomness is per example: keys are folded from (state.rng, state.step, batch['example_id']), so
+the same global batch gives the same noise, timesteps and dropout however it is split over
+devices, hosts and micro-batches.
+
+Batches are dicts. Live path: 'input_image', 'edited_image' (B,H,W,3) in [-1,1], 'input_ids'
+(B,77) int32. Cached path (latent_cache): 'input_moments', 'edited_moments' (B,h,w,2C) =
+concat(mean, logvar), 'text_embedding' (B,77,D). Both carry 'example_id' (B,) int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ip2p_jax.diffusion.schedules import add_noise
+from ip2p_jax.train.dropout import conditioning_dropout
+from ip2p_jax.train.state import TrainState, ema_update
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    grad_accum: int = 1               # micro-batches per update
+    cond_dropout_prob: float = 0.05   # p: text-only / both / image-only each dropped with probability p
+    prediction_type: str = "epsilon"  # or "v_prediction" (SD 2.x initialisations)
+    ema_decay: float = 0.9999
+    scaling_factor: float = 0.18215
+    compute_dtype: Any = jnp.float32  # UNet/VAE/text compute; params stay fp32
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= 3 * self.cond_dropout_prob <= 1:
+            raise ValueError(f"cond_dropout_prob must be in [0, 1/3], got {self.cond_dropout_prob}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The Flax modules (compute dtype, remat and attention impl already set). vae/text_encoder may be
+    None on the cached path."""
+    unet: nn.Module
+    vae: Optional[nn.Module] = None
+    text_encoder: Optional[nn.Module] = None
+
+
+def example_keys(step_key: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """(B, 4, 2) keys per example: posterior sample, noise, timestep, dropout uniform."""
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i), 4))(example_ids)
+
+
+def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: dict, batch: dict,
+                        post_keys: jax.Array):
+    """-> (target latents z0 (scaled sample), image latents (mode, unscaled), text emb, null text emb)."""
+    if "edited_moments" in batch:  # latent cache
+        edited_mean, edited_logvar = jnp.split(batch["edited_moments"].astype(jnp.float32), 2, axis=-1)
+        image_latents = jnp.split(batch["input_moments"].astype(jnp.float32), 2, axis=-1)[0]
+    else:
+        vae = {"params": frozen["vae"]}
+        edited_mean, edited_logvar = models.vae.apply(vae, batch["edited_image"], method=models.vae.encode)
+        image_latents = models.vae.apply(vae, batch["input_image"], method=models.vae.encode)[0]
+    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(post_keys, edited_mean)
+    latents = (edited_mean + jnp.exp(0.5 * edited_logvar) * eps) * cfg.scaling_factor
+
+    text_params = params.get("text_encoder", frozen.get("text_encoder"))
+    if "text_embedding" in batch:
+        text = batch["text_embedding"]
+    else:
+        text = models.text_encoder.apply({"params": text_params}, batch["input_ids"])
+    if "text_encoder" in params:  # trained text encoder: the "" embedding moves with it
+        null = models.text_encoder.apply({"params": text_params}, frozen["null_ids"])
+    else:
+        null = frozen["null_embedding"]
+    return latents, image_latents, text, null
+
+
+def make_loss_fn(models: Models, cfg: StepConfig) -> Callable:
+    def loss_fn(params, frozen, batch, step_key):
+        keys = example_keys(step_key, batch["example_id"])
+        latents, image_latents, text, null = encode_conditioning(models, cfg, params, frozen, batch, keys[:, 0])
+        if "text_encoder" not in params:
+            text, null = lax.stop_gradient(text), lax.stop_gradient(null)
+        r = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys[:, 3])
+        text, image_latents = conditioning_dropout(r, cfg.cond_dropout_prob, text, null, image_latents)
+
+        acp = frozen["alphas_cumprod"]
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, acp.shape[0]))(keys[:, 2])
+        noise = jax.vmap(lambda k, z: jax.random.normal(k, z.shape, jnp.float32))(keys[:, 1], latents)
+        noisy = add_noise(acp, latents, noise, t)
+        if cfg.prediction_type == "epsilon":
+            target = noise
+        else:  # v = sqrt(ac) eps - sqrt(1 - ac) x0
+            ac = acp[t][:, None, None, None]
+            target = jnp.sqrt(ac) * noise - jnp.sqrt(1.0 - ac) * latents
+
+        dt = cfg.compute_dtype
+        unet_in = jnp.concatenate([noisy, image_latents], axis=-1).astype(dt)
+        pred = models.unet.apply({"params": params["unet"]}, unet_in, t, text.astype(dt))
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+    return loss_fn
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """(B, ...) -> (k, B/k, ...); micro-batch j holds examples j, j+k, ... so a batch sharded on its
+    leading axis splits without moving data between devices."""
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} does not split into grad_accum={k} micro-batches")
+        return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(models: Models, cfg: StepConfig, tx: optax.GradientTransformation,
+                    lr_schedule: Callable, axis_name: Optional[str] = None,
+                    grad_shardings: Any = None) -> Callable:
+    """train_step(state, frozen, batch) -> (state, metrics).
+
+    axis_name: the pmap axis to average gradients and metrics over (None under jit).
+    grad_shardings: optional shardings for the gradient accumulator (fsdp under jit).
+    frozen: {'vae', 'text_encoder' (frozen case), 'null_embedding' or 'null_ids', 'alphas_cumprod'}.
+    """
+    grad_fn = jax.value_and_grad(make_loss_fn(models, cfg))
+
+    def constrain(g):
+        return g if grad_shardings is None else lax.with_sharding_constraint(g, grad_shardings)
+
+    def train_step(state: TrainState, frozen: dict, batch: dict):
+        step_key = jax.random.fold_in(state.rng, state.step)
+        k = cfg.grad_accum
+        if k == 1:
+            loss, grads = grad_fn(state.params, frozen, batch, step_key)
+            grads = constrain(grads)
+        else:
+            def body(carry, micro):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(state.params, frozen, micro, step_key)
+                return (loss_sum + loss, constrain(jax.tree.map(jnp.add, grad_sum, grads))), None
+            zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches(batch, k))
+            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        if axis_name is not None:
+            loss, grads = lax.pmean((loss, grads), axis_name)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        n = state.updates + 1
+        ema = ema_update(state.ema_params, params, n, cfg.ema_decay)
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            updates=jnp.where(finite, n, state.updates),
+            params=pick(params, state.params),
+            opt_state=pick(opt_state, state.opt_state),
+            ema_params=pick(ema, state.ema_params),
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(new_state.params),
+            "learning_rate": lr_schedule(state.updates),
+            "finite": finite.astype(jnp.int32),
+            "nonfinite_run": new_state.nonfinite_run,
+            "nonfinite_total": new_state.nonfinite_total,
+        }
+        return new_state, metrics
+
+    return train_step

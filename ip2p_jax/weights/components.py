@@ -1,0 +1,145 @@
+"""`Components`: everything an editing model is made of, as configs + plain numpy param pytrees.
+
+One table (`SPECS`) says, per network, which ip2p_jax.models module builds it, its config class,
+the folder and weight-file stem diffusers uses, and how its PyTorch names relate to our params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from ip2p_jax.weights.naming import WeightsError, flax_path_to_torch_key
+
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def as_dtype(dtype) -> np.dtype:
+    """'fp32' | 'fp16' | 'bf16' | any numpy / jax float dtype -> a numpy dtype."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in DTYPE_NAMES:
+        raise WeightsError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    folder: str          # sub-folder of a diffusers folder
+    module: str          # ip2p_jax.models module with the Flax model and `abstract_params(config)`
+    config_class: str    # its config dataclass (from_dict / to_dict)
+    weights_stem: str    # diffusers: diffusion_pytorch_model.safetensors, transformers: model.safetensors
+    library: str         # model_index.json entry
+    reference_class: str
+    # transformers 4 names CLIPTextModel weights `text_model.*`, transformers 5 drops the prefix:
+    # files may have it or not; we accept both and write it (both versions read that).
+    optional_prefix: str = ""
+
+    def config_type(self):
+        return getattr(importlib.import_module(self.module), self.config_class)
+
+    def config_from_dict(self, d: Mapping[str, Any], source: str):
+        return self.config_type().from_dict(dict(d), source=source)
+
+    def abstract_params(self, config):
+        try:
+            return _abstract_params_cached(self.module, config)
+        except TypeError:  # an unhashable config
+            return importlib.import_module(self.module).abstract_params(config)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params_cached(module: str, config):
+    """Tracing a model for its shapes takes seconds; configs are frozen dataclasses, so cache by them."""
+    return importlib.import_module(module).abstract_params(config)
+
+
+SPECS = {
+    "unet": ComponentSpec("unet", "ip2p_jax.models.unet", "UNetConfig", "diffusion_pytorch_model",
+                          "diffusers", "UNet2DConditionModel"),
+    "vae": ComponentSpec("vae", "ip2p_jax.models.vae", "VAEConfig", "diffusion_pytorch_model",
+                         "diffusers", "AutoencoderKL"),
+    "text_encoder": ComponentSpec("text_encoder", "ip2p_jax.models.clip", "CLIPTextConfig", "model",
+                                  "transformers", "CLIPTextModel", optional_prefix="text_model."),
+}
+
+
+@dataclasses.dataclass
+class Components:
+    """A complete Stable Diffusion / InstructPix2Pix model: configs, params, tokenizer, scheduler.
+
+    Params are the plain nested dicts a Flax `apply({'params': p}, ...)` takes, numpy arrays
+    on the host (device_put them where needed). The UNet may have 8 input channels
+    (InstructPix2Pix) or 4 (Stable Diffusion; see `expand_conv_in`).
+    """
+    unet_config: Any
+    unet_params: dict
+    vae_config: Any
+    vae_params: dict
+    text_config: Any
+    text_params: dict
+    tokenizer: Any
+    scheduler_config: dict
+    source: str = ""
+    notes: list = dataclasses.field(default_factory=list)   # what the loader decided (EMA, variant, ...)
+
+    def configs(self) -> dict:
+        return {"unet": self.unet_config, "vae": self.vae_config, "text_encoder": self.text_config}
+
+    def params(self) -> dict:
+        return {"unet": self.unet_params, "vae": self.vae_params, "text_encoder": self.text_params}
+
+    def param_counts(self) -> dict[str, int]:
+        return {name: count_params(p) for name, p in self.params().items()}
+
+    def dtypes(self) -> dict[str, str]:
+        return {name: describe_dtypes(p) for name, p in self.params().items()}
+
+    def astype(self, dtype) -> "Components":
+        d = as_dtype(dtype)
+        cast = lambda p: cast_params(p, d)  # noqa: E731
+        return dataclasses.replace(self, unet_params=cast(self.unet_params), vae_params=cast(self.vae_params),
+                                   text_params=cast(self.text_params), notes=list(self.notes))
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(np.shape(v)) for v in traverse_util.flatten_dict(dict(params)).values()))
+
+
+def describe_dtypes(params) -> str:
+    names = sorted({str(np.dtype(getattr(v, "dtype", np.float32)))
+                    for v in traverse_util.flatten_dict(dict(params)).values()})
+    return "/".join(names)
+
+
+def cast_params(params, dtype) -> dict:
+    d = as_dtype(dtype)
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict({k: np.asarray(v).astype(d, copy=False) for k, v in flat.items()})
+
+
+def expected_torch_keys(abstract_params) -> list[str]:
+    return [flax_path_to_torch_key(p) for p in traverse_util.flatten_dict(dict(abstract_params))]
+
+
+def align_optional_prefix(state: Mapping[str, Any], spec: ComponentSpec, abstract_params) -> dict:
+    """Add or drop `spec.optional_prefix` on every key so the names match what the Flax tree expects."""
+    pre = spec.optional_prefix
+    if not pre:
+        return dict(state)
+    want = any(k.startswith(pre) for k in expected_torch_keys(abstract_params))
+    out = {}
+    for k, v in state.items():
+        bare = k[len(pre):] if k.startswith(pre) else k
+        out[pre + bare if want else bare] = v
+    return out

@@ -1,0 +1,200 @@
+"""The Flax UNet against diffusers' UNet2DConditionModel on the same perturbed random weights."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+
+import tiny
+from ip2p_jax.models.config import ConfigError
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
+from ip2p_jax.weights.naming import torch_to_flax
+
+SD15_IP2P = dict(
+    sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+SD21 = dict(SD15_IP2P, sample_size=96, in_channels=4, cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True)
+
+
+def three_level_sd2(seed: int = 1):
+    """SD2-style (linear projection, per-block heads, upcast) with 3 levels and 2 transformer layers
+    in the middle level, so odd sizes exercise the upsample-size path twice."""
+    torch.manual_seed(seed)
+    m = TorchUNet(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                  norm_num_groups=8, cross_attention_dim=24, attention_head_dim=(2, 4, 4),
+                  transformer_layers_per_block=(1, 2, 1), use_linear_projection=True, upcast_attention=True,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return tiny.perturb(m, seed=seed)
+
+
+REFERENCES = {
+    "sd1_in8": lambda: tiny.unet(8),
+    "sd2_in4": lambda: tiny.unet(4, sd2=True),
+    "sd2_3level": three_level_sd2,
+}
+
+
+@functools.cache
+def reference(name):
+    """(torch model, config, params, jitted apply) for one reference model."""
+    m = REFERENCES[name]()
+    cfg = UNetConfig.from_dict(dict(m.config))
+    state = {k: v.numpy() for k, v in m.state_dict().items()}
+    params = torch_to_flax(state, abstract_params(cfg), source=name)
+    return m, cfg, params
+
+
+@functools.cache
+def jitted(cfg, dtype=jnp.float32, remat=False):
+    return jax.jit(UNet2DConditionModel(cfg, dtype=dtype, attention_impl="xla", remat=remat).apply)
+
+
+def inputs(cfg, batch, hw, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *hw, cfg.in_channels)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    ctx = rng.standard_normal((batch, 7, cfg.cross_attention_dim)).astype(np.float32)
+    return x, t, ctx
+
+
+def torch_forward(m, x, t, ctx):
+    with torch.no_grad():
+        out = m(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.as_tensor(t), torch.from_numpy(ctx)).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def rel_err(a, ref):
+    return float(np.abs(np.asarray(a, np.float32) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name,batch,hw,scalar_t", [
+    ("sd1_in8", 3, (16, 16), False),   # per-example timesteps
+    ("sd1_in8", 2, (9, 14), True),     # odd non-square: upsample to the skip's size; scalar timestep
+    ("sd2_3level", 2, (11, 6), False),  # 11 -> 6 -> 3 -> 6 -> 11 and 6 -> 3 -> 2 -> 3 -> 6
+])
+def test_matches_diffusers(name, batch, hw, scalar_t):
+    m, cfg, params = reference(name)
+    x, t, ctx = inputs(cfg, batch, hw)
+    if scalar_t:
+        t = int(t[0])
+    out = jitted(cfg)({"params": params}, x, t, ctx)
+    ref = torch_forward(m, x, t, ctx)
+    assert out.shape == ref.shape == (batch, *hw, 4)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_sd2_tiny_in4_matches_diffusers():
+    m, cfg, params = reference("sd2_in4")
+    assert cfg.use_linear_projection and cfg.upcast_attention and cfg.attention_head_dim == (2, 4)
+    x, t, ctx = inputs(cfg, 2, (12, 8), seed=1)
+    # eager apply: shares no compile with the jitted cases and checks the un-jitted path
+    out = UNet2DConditionModel(cfg, attention_impl="xla").apply({"params": params}, x, t, ctx)
+    assert rel_err(out, torch_forward(m, x, t, ctx)) <= 1e-4
+
+
+class InjectSelfAttentionProbs:
+    """diffusers attention processor: row b uses the softmax probabilities of row source[b]."""
+
+    def __init__(self, source):
+        self.source = torch.as_tensor(source)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        assert encoder_hidden_states is None  # only installed on attn1 (self-attention)
+        q, k, v = (attn.head_to_batch_dim(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        probs = attn.get_attention_scores(q, k)
+        b = hidden_states.shape[0]
+        probs = probs.view(b, attn.heads, *probs.shape[1:])[self.source].flatten(0, 1)
+        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
+
+
+def test_self_attn_source():
+    m, cfg, params = reference("sd1_in8")
+    x, t, ctx = inputs(cfg, 3, (16, 16))
+    plain = np.asarray(jitted(cfg)({"params": params}, x, t, ctx))
+    apply = jitted(cfg)
+    identity = np.asarray(apply({"params": params}, x, t, ctx, jnp.arange(3)))
+    np.testing.assert_allclose(identity, plain, rtol=0, atol=1e-6)
+
+    source = np.array([0, 2, 1])
+    swapped = np.asarray(apply({"params": params}, x, t, ctx, source))
+    np.testing.assert_allclose(swapped[0], plain[0], rtol=0, atol=1e-6)  # row 0 keeps its own maps
+    assert rel_err(swapped[1:], plain[1:]) > 1e-2                        # rows 1, 2 take each other's
+
+    processors = {name: InjectSelfAttentionProbs(source) if name.endswith("attn1.processor") else proc
+                  for name, proc in m.attn_processors.items()}
+    saved = dict(m.attn_processors)
+    m.set_attn_processor(processors)
+    try:
+        ref = torch_forward(m, x, t, ctx)
+    finally:
+        m.set_attn_processor(saved)
+    assert rel_err(swapped, ref) <= 1e-4
+
+
+def test_bf16_close_to_fp32():
+    m, cfg, params = reference("sd1_in8")
+    x, t, ctx = inputs(cfg, 3, (16, 16))
+    fp32 = np.asarray(jitted(cfg)({"params": params}, x, t, ctx))
+    bf16 = jitted(cfg, jnp.bfloat16)({"params": params}, x, t, ctx)
+    assert bf16.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(bf16, np.float32)).all()
+    assert rel_err(bf16, fp32) < 5e-2
+
+
+@pytest.mark.slow
+def test_remat_gradients_equal():
+    _, cfg, params = reference("sd1_in8")
+    x, t, ctx = inputs(cfg, 2, (8, 8))
+
+    def grads(remat):
+        model = UNet2DConditionModel(cfg, attention_impl="xla", remat=remat)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("cfg_dict", [SD15_IP2P, SD21], ids=["sd15_ip2p", "sd21"])
+def test_full_size_param_count_and_config(cfg_dict):
+    with torch.device("meta"):
+        m = TorchUNet(**cfg_dict)
+    cfg = UNetConfig.from_dict(dict(m.config))   # every key diffusers writes, at its value
+    assert cfg == UNetConfig.from_dict(cfg_dict)
+    assert count(abstract_params(cfg)) == sum(p.numel() for p in m.parameters())
+
+
+def test_config_rejects_unknown_and_unsupported():
+    with pytest.raises(ConfigError, match="frobnicate"):
+        UNetConfig.from_dict(dict(SD15_IP2P, frobnicate=3))
+    with pytest.raises(ConfigError, match="class_embed_type"):
+        UNetConfig.from_dict(dict(SD15_IP2P, class_embed_type="timestep"))
+    with pytest.raises(ConfigError, match="AttnDownBlock2D"):
+        UNetConfig.from_dict(dict(SD15_IP2P, down_block_types=["AttnDownBlock2D"] * 4))
+    with pytest.raises(ConfigError, match="attention_head_dim"):
+        UNetConfig.from_dict(dict(SD15_IP2P, attention_head_dim=[8, 8]))
+    # accepted at their off values
+    UNetConfig.from_dict(dict(SD15_IP2P, dual_cross_attention=False, num_class_embeds=None, _diffusers_version="0.8"))
+
+
+def test_to_dict_round_trips_through_diffusers():
+    cfg = UNetConfig.from_dict(SD21)
+    d = cfg.to_dict()
+    assert d["_class_name"] == "UNet2DConditionModel"
+    with torch.device("meta"):
+        m = TorchUNet.from_config(d)
+    assert UNetConfig.from_dict(dict(m.config)) == cfg
