@@ -126,7 +126,6 @@ class EditPipeline:
         self.tokenizer = c.tokenizer
         self.scheduler_config = dict(c.scheduler_config or {})
         self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
-        self.steps_offset = int(self.scheduler_config.get("steps_offset", 1) or 0)
         cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), tree)  # noqa: E731
         self.params = sharding.replicate(
             {"unet": cast(c.unet_params), "vae": cast(c.vae_params), "text": cast(c.text_params)}, self.mesh)
@@ -193,9 +192,10 @@ class EditPipeline:
                        out_shardings=batch, donate_argnums=donate)
 
     def plan(self, sampler: str, steps: int, schedule: str | None = None) -> samplers.Plan:
-        """The sampler plan (schedule arrays) for this model's training schedule."""
-        return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule,
-                                  steps_offset=self.steps_offset)
+        """The sampler plan (schedule arrays) for this model's training betas. Only the betas come
+        from the model's scheduler config: step spacing is the sampler's own (e.g. DDIM always
+        uses SD's steps_offset=1), so a sampler means the same thing with every model folder."""
+        return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule)
 
     # ------------------------------------------------------------------ editing
 

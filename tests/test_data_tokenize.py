@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import tiny
-from ip2p_jax.data.tokenize import TokenizerError, load_tokenizer, tokenize
+import pickle
+
+from ip2p_jax.data.tokenize import TokenizerError, fast_tokenizer, load_tokenizer, tokenize
 
 TEXTS = ["make it winter", "Turn the  RED dog\tinto a cat!!", "", "ünïcode, photo of the sky?",
          " ".join(["winter"] * 90), "it's the dog's background"]
@@ -37,6 +39,9 @@ def test_layouts_match_reference(folders):
         np.testing.assert_array_equal(got, want)
     single = tokenize(load_tokenizer(str(root / "bpe")), "make it winter")
     np.testing.assert_array_equal(single, want[:1])
+    # the picklable fast form the input pipeline ships to worker processes
+    fast = pickle.loads(pickle.dumps(fast_tokenizer(load_tokenizer(str(root / "model")))))
+    np.testing.assert_array_equal(tokenize(fast, TEXTS), want)
 
 
 def test_custom_pad_token_and_length(folders, tmp_path):

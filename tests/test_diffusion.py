@@ -18,23 +18,24 @@ from ip2p_jax.diffusion import schedules as S
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 5, 6, 4)  # B, h, w, C (NHWC)
-A = np.array([0.9, 1.0, 0.8, 1.1], np.float32)   # near 1, like a denoiser: the output stays O(1)
-B_ = np.array([0.5, -0.4, 0.3, -0.2], np.float32)
+A_CH = np.array([0.9, 1.0, 0.8, 1.1], np.float32)   # near 1, like a denoiser: the output stays O(1)
+B_CH = np.array([0.5, -0.4, 0.3, -0.2], np.float32)
 PERIOD = 10.0  # fast in t, so a shifted timestep moves the result well beyond the tolerance
-# float32 loops: the plan's coefficients come from float64 host math, diffusers' from float32
-# torch math (sigma ** 0.5 and log in float32); the two roundings differ by a few ulp per step,
-# measured below ~2e-6 of the output scale. 1e-5 leaves headroom while catching any real error
-# (a one-step timestep shift or a wrong coefficient moves the result by > 1e-2).
+# Tolerance, relative to the output's max |value|: our loop runs in float32 with per-step
+# coefficients from float64 host math; diffusers steps in float32 torch (sigmas stored float32,
+# sqrt/log in float32); the k-diffusion reference below is float64. Measured differences are
+# <= 2e-6 (DDIM, 100 steps). 1e-5 leaves headroom; each loop test also checks that a plan with
+# every timestep one training step off misses by > 2e-4, so the comparison has teeth.
 RTOL_SCALE = 1e-5
 
 
 def eps_torch(x, t):
-    a, b = torch.from_numpy(A)[None, :, None, None], torch.from_numpy(B_)[None, :, None, None]
+    a, b = torch.from_numpy(A_CH)[None, :, None, None], torch.from_numpy(B_CH)[None, :, None, None]
     return a * x + b * torch.sin(torch.as_tensor(t, dtype=torch.float32) / PERIOD)
 
 
 def eps_jax(x, t):
-    return jnp.asarray(A) * x + jnp.asarray(B_) * jnp.sin(jnp.asarray(t, jnp.float32) / PERIOD)
+    return jnp.asarray(A_CH) * x + jnp.asarray(B_CH) * jnp.sin(jnp.asarray(t, jnp.float32) / PERIOD)
 
 
 def to_torch(x_nhwc):
@@ -221,7 +222,7 @@ def kdiffusion_loop(sampler, steps, x, step_noise=None):
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     ac = np.cumprod(1.0 - betas).astype(np.float32).astype(np.float64)
     log_sigmas = np.log(((1 - ac) / ac) ** 0.5)
-    a, b = A.astype(np.float64), B_.astype(np.float64)
+    a, b = A_CH.astype(np.float64), B_CH.astype(np.float64)
 
     def denoise(x, sigma):
         t = np.interp(np.log(sigma), log_sigmas, np.arange(1000))  # sigma_to_t (log_sigmas ascend)
@@ -346,25 +347,37 @@ def test_expand_interleaves_each_example_with_its_own_rows():
         np.testing.assert_array_equal(ts[b], one_t)
 
 
-def test_guided_eps_fn_samples_per_example():
-    """guided_eps_fn + sample on a batch equals each example sampled alone with its own scales."""
+def test_guided_eps_fn_formula_and_per_example_sampling():
+    """guided_eps_fn is the dual-guidance formula over the model's three branches, and sampling
+    a batch with it equals sampling each example alone with its own scales."""
     rng = np.random.default_rng(15)
     img = jnp.asarray(rng.standard_normal((2, 3, 3, 4)), jnp.float32)
     cond = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
     null = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
 
     def model_fn(x, t, text):  # depends on every input; (3B, h, w, 8) -> (3B, h, w, 4)
-        return 0.3 * x[..., :4] - 0.2 * x[..., 4:] + text.mean(axis=1)[:, None, None, :] * jnp.cos(t / 300)[:, None, None, None]
+        text_term = text.mean(axis=1)[:, None, None, :] * jnp.cos(t / 300)[:, None, None, None]
+        return 0.3 * x[..., :4] - 0.2 * x[..., 4:] + text_term
 
-    plan = D.make_plan("euler_a", 5)
     x = jnp.asarray(noise(16, (2, 3, 3, 4)))
-    keys = keys_for([1, 2])
     s_t, s_i = jnp.array([7.5, 6.0]), jnp.array([1.5, 1.8])
-    run = jax.jit(lambda img, cond, s_t, s_i, x, keys: D.sample(
-        D.guided_eps_fn(model_fn, img, cond, null, s_t, s_i), x, plan, keys))
-    both = np.asarray(run(img, cond, s_t, s_i, x, keys))
+    # one call: the three branches, then the formula
+    t = jnp.float32(500.0)
+    call = lambda lat, emb: model_fn(lat, jnp.full((2,), t), emb)
+    e_cond = call(jnp.concatenate([x, img], -1), cond)
+    e_img = call(jnp.concatenate([x, img], -1), jnp.broadcast_to(null, cond.shape))
+    e_unc = call(jnp.concatenate([x, jnp.zeros_like(img)], -1), jnp.broadcast_to(null, cond.shape))
+    sc = lambda s: s[:, None, None, None]
+    want = e_unc + sc(s_t) * (e_cond - e_img) + sc(s_i) * (e_img - e_unc)
+    got = D.guided_eps_fn(model_fn, img, cond, null, s_t, s_i)(x, t)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    plan = D.make_plan("dpmpp_2m", 5)
+    run = jax.jit(lambda img, cond, s_t, s_i, x: D.sample(
+        D.guided_eps_fn(model_fn, img, cond, null, s_t, s_i), x, plan))
+    both = np.asarray(run(img, cond, s_t, s_i, x))
     for b in range(2):
         sl = slice(b, b + 1)
-        alone = np.asarray(run(img[sl], cond[sl], s_t[sl], s_i[sl], x[sl], keys[sl]))
+        alone = np.asarray(run(img[sl], cond[sl], s_t[sl], s_i[sl], x[sl]))
         np.testing.assert_allclose(alone[0], both[b], rtol=0, atol=1e-5)
     assert np.max(np.abs(both[0] - both[1])) > 1e-2

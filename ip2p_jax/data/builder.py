@@ -2,19 +2,23 @@
 
 Layout: `<data_dir>/edit_pairs/<name>/1.0.0/` holding the TFDS files plus, per split,
 `prompt_hashes-<split>.u64` (the 64-bit prompt hash of record i, for one-seed-per-prompt
-sampling). Records are stored in the order the source yields them (`disable_shuffling`),
-which is what makes that side file line up with the records.
+sampling) and `build_report.json`. Records are stored in the order the source yields them.
 
-The source is read once: the first split TFDS asks for streams the source, writing that
-split's pairs straight to TFDS and spooling the other splits' pairs to temporary files,
-which their generators then replay. Memory stays bounded whatever the source size.
+The source is read once: the first split streams the source, writing its pairs straight to
+array_record shards and spooling the other splits' pairs to temporary files, which their
+generators then replay. The splits are written by this builder's own streaming shard writer
+rather than TFDS' shuffling writer, whose on-disk buckets (used past 1 GB) need TensorFlow
+and which would hold 1 GB in memory. Memory stays bounded whatever the source size.
 A build runs in a temporary data dir and is moved into place only when complete.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import io
+import json
 import logging
 import os
 import pickle
@@ -37,6 +41,7 @@ VERSION = "1.0.0"
 IMAGE_FEATURES = ("input_image", "edited_image")
 TEXT_FEATURES = ("instruction", "input_caption", "edited_caption", "id", "prompt_id")
 MAX_KEPT_REJECTIONS = 10_000
+SHARD_BYTES = 1 << 30  # start a new array_record file past this size
 
 
 class BuildError(ValueError):
@@ -196,6 +201,7 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
     """InstructPix2Pix edit pairs: input/edited images (encoded bytes), instruction, captions."""
 
     VERSION = tfds.core.Version(VERSION)
+    shard_bytes = SHARD_BYTES
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -220,9 +226,6 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         total = sum(counts.values())
         if total == 0:
             raise BuildError(f"{self._source.root}: the {self._source.format} source holds no pairs")
-        # Keys: increasing (=> stored order is generation order), spread over TFDS' 128-bit key
-        # space so its on-disk sort buckets stay small.
-        self._key_stride = (2**128 - 1) // (total + 1)
         spool_dir = tempfile.mkdtemp(prefix="spool-", dir=os.fspath(self.data_dir_root))
         self._router = _SplitRouter(self._source, self._report, self._strict, self._workers, spool_dir,
                                     total, self._progress)
@@ -230,13 +233,46 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         order.sort(key=lambda s: -counts[s])
         return {s: self._generate_examples(s) for s in order}
 
+    def _generate_splits(self, dl_manager, download_config):
+        return [self._write_split(split, examples)
+                for split, examples in self._split_generators(dl_manager).items()]
+
+    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
+        """Stream `examples` into array_record shards of about SHARD_BYTES, in order."""
+        from array_record.python import array_record_module
+        from tensorflow_datasets.core import example_serializer
+
+        feats = self.info.features
+        serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
+        template = self._get_filename_template(split_name=split)
+        shards, writer, shard_bytes, total_bytes = [], None, 0, 0
+        for _, example in examples:
+            if writer is None:
+                path = os.path.join(os.fspath(self.data_path), f".shard-{split}-{len(shards):05d}")
+                writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as TFDS writes them
+                shards.append([path, 0])
+            data = serializer.serialize_example(feats.encode_example(example))
+            writer.write(data)
+            shards[-1][1] += 1
+            shard_bytes += len(data)
+            total_bytes += len(data)
+            if shard_bytes >= self.shard_bytes:
+                writer.close()
+                writer, shard_bytes = None, 0
+        if writer is not None:
+            writer.close()
+        for i, (path, _) in enumerate(shards):
+            os.replace(path, os.fspath(template.sharded_filepath(shard_index=i, num_shards=len(shards))))
+        return tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n in shards], num_bytes=total_bytes,
+                                   filename_template=template)
+
     def _generate_examples(self, split: str):
         hashes = open(prompt_hash_file(self.data_dir, split), "wb")
         n = 0
         with hashes:
             for ex in self._router.examples(split):
                 hashes.write(struct.pack("<Q", src.prompt_hash(ex["prompt_id"])))
-                yield n * self._key_stride, ex
+                yield n, ex
                 n += 1
         self._report.examples[split] = n
         if n == 0:
@@ -254,6 +290,24 @@ def _check_name(name: str) -> str:
 
 def dataset_dir(data_dir: str, name: str) -> str:
     return os.path.join(os.fspath(data_dir), DATASET, name, VERSION)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS' own progress bars, prints and warnings would duplicate (and confuse) ours."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_enabled = tqdm_utils._active
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    tqdm_utils.display_progress_bar(False)
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tqdm_utils.display_progress_bar(was_enabled)
+        absl_logger.setLevel(level)
 
 
 def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None, *, strict: bool = False,
@@ -274,23 +328,16 @@ def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None,
     tmp_root = tempfile.mkdtemp(prefix=f".build-{name}-", dir=data_dir)
     start = time.perf_counter()
     try:
-        builder = EditPairs(source=source_obj, strict=strict, workers=workers, progress=progress, report=report,
-                            data_dir=tmp_root, config=tfds.core.BuilderConfig(name=name),
-                            file_format="array_record")
-        from tensorflow_datasets.core.utils import tqdm_utils
-
-        was_enabled = tqdm_utils._active  # TFDS' own bars would duplicate ours
-        tqdm_utils.display_progress_bar(False)
-        try:
+        with _quiet_tfds():
+            builder = EditPairs(source=source_obj, strict=strict, workers=workers, progress=progress,
+                                report=report, data_dir=tmp_root, config=tfds.core.BuilderConfig(name=name),
+                                file_format="array_record")
             builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
-        finally:
-            tqdm_utils.display_progress_bar(was_enabled)
         built = dataset_dir(tmp_root, name)
         info = builder.info
         report.num_bytes = {s: int(info.splits[s].num_bytes) for s in report.examples}
         report.seconds = time.perf_counter() - start
         with open(os.path.join(built, "build_report.json"), "w") as f:
-            import json
             json.dump(dataclasses.asdict(report), f, indent=1)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         if os.path.exists(final):

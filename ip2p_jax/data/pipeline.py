@@ -24,7 +24,7 @@ import numpy as np
 
 from ip2p_jax.data import augment as aug
 from ip2p_jax.data.builder import IMAGE_FEATURES, open_dataset, read_prompt_hashes
-from ip2p_jax.data.tokenize import MAX_LENGTH, load_tokenizer, tokenize
+from ip2p_jax.data.tokenize import MAX_LENGTH, fast_tokenizer, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _MakeExample:
         instruction = ex["instruction"]
         instruction = instruction.decode("utf-8") if isinstance(instruction, bytes) else instruction
         ids = tokenize(self.tokenizer, [instruction], self.cfg.max_length)[0]
-        return {"input_image": x0, "edited_image": x1, "input_ids": ids, "index": np.int64(record)}
+        return {"input_image": x0, "edited_image": x1, "input_ids": ids, "index": np.int32(record)}
 
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
@@ -112,7 +112,7 @@ class EditPairPipeline:
 
       input_image, edited_image: (B, crop, crop, 3) float32 in [-1, 1] (or uint8)
       input_ids:                 (B, 77) int32 (tokenised instruction)
-      index:                     (B,) int64, the record each example came from
+      index:                     (B,) int32, the record each example came from
     """
 
     def __init__(self, dataset, tokenizer, config: PipelineConfig = PipelineConfig(), *,
@@ -158,7 +158,8 @@ class EditPairPipeline:
         if cfg.num_epochs is not None:  # every host gets the same number of full batches
             ds = ds[: len(ds) // cfg.global_batch_size * cfg.global_batch_size]
         ds = ds[self.process_index::self.process_count]
-        ds = ds.map_with_index(_MakeExample(self.source, self.tokenizer, cfg, self.process_index,
+        tok = fast_tokenizer(self.tokenizer) or self.tokenizer  # light to pickle into workers
+        ds = ds.map_with_index(_MakeExample(self.source, tok, cfg, self.process_index,
                                             self.process_count, self.groups))
         return ds.batch(self.local_batch_size, drop_remainder=True)
 

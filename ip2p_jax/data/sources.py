@@ -246,7 +246,7 @@ class ParquetSource:
 
             try:
                 meta = pq.read_metadata(file)
-                names = set(meta.schema.names)
+                names = set(meta.schema.to_arrow_schema().names)  # top-level columns
                 mapping = {f: next((c for c in cols if c in names), None) for f, cols in PARQUET_COLUMNS.items()}
                 missing = [PARQUET_COLUMNS[f][0] for f in PARQUET_REQUIRED if mapping[f] is None]
                 if missing:

@@ -2,12 +2,13 @@
 from ip2p_jax.diffusion.guidance import (combine, expand, expand_latents, expand_text, guided_eps_fn,
                                          split_branches)
 from ip2p_jax.diffusion.samplers import (DEFAULT_SCHEDULE, SAMPLERS, SIGMA_SCHEDULES, Plan, SamplerState,
-                                         init_state, make_plan, model_input, sample, step, step_noise)
+                                         init_state, is_ancestral, make_plan, model_input, sample, step,
+                                         step_noise)
 from ip2p_jax.diffusion.schedules import ScheduleError, TrainingSchedule, add_noise
 
 __all__ = [
     "DEFAULT_SCHEDULE", "SAMPLERS", "SIGMA_SCHEDULES", "Plan", "SamplerState", "ScheduleError",
     "TrainingSchedule", "add_noise", "combine", "expand", "expand_latents", "expand_text",
-    "guided_eps_fn", "init_state", "make_plan", "model_input", "sample", "split_branches", "step",
+    "guided_eps_fn", "init_state", "is_ancestral", "make_plan", "model_input", "sample", "split_branches", "step",
     "step_noise",
 ]

@@ -60,10 +60,12 @@ class ProcessStateRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     """Save every `every_steps` (and when forced), keep the last `keep`, restore the latest."""
 
-    def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, every_steps: int = 1, keep: Optional[int] = None, async_save: bool = True,
+                 read_only: bool = False):
+        """read_only: for readers beside a live run (export): creates, deletes and cleans nothing."""
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every_steps), max_to_keep=keep, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+            save_interval_steps=max(1, every_steps), max_to_keep=keep, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
         self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -75,12 +77,16 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
         """state: pytree of global jax.Arrays. Returns whether a save was started."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessStateSave(data_state))
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ProcessStateSave(data_state))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, target: Any, *, data: bool = True) -> tuple[Any, Any]:
-        """target: pytree of jax.ShapeDtypeStruct with shardings. -> (state, data-iterator state or None)."""
-        items = {"state": ocp.args.StandardRestore(target)}
+    def restore(self, step: int, target: Any, *, data: bool = True, partial: bool = False) -> tuple[Any, Any]:
+        """target: pytree of jax.ShapeDtypeStruct with shardings -> (state, data-iterator state or None).
+
+        partial: `target` is a subtree (e.g. {'ema_params': ...}); only that is read.
+        """
+        items = {"state": ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)}
         if data:
             items["data"] = ProcessStateRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -13,11 +13,16 @@ BATCH_KEYS = ("input_image", "edited_image", "input_ids",                    # l
               "input_moments", "edited_moments", "text_embedding")           # latent cache
 
 
-def make_train_data(config, tokenizer, *, split: str | None = None, validation: bool = False):
-    """Iterator over host-local batches of config.train.batch_size global examples per step."""
+def make_train_data(config, tokenizer, *, split: str | None = None, validation: bool = False,
+                    process: tuple[int, int] | None = None):
+    """Iterator over host-local batches of config.train.batch_size global examples per step.
+
+    validation: no shuffling or random augmentation (synthetic: other pairs). process: (index,
+    count) to read as, default this host's (the validation set passes (0, 1): all of it everywhere).
+    """
     d = config.data
     split = split or d.split
-    pi, pc = jax.process_index(), jax.process_count()
+    pi, pc = process if process is not None else (jax.process_index(), jax.process_count())
     batch = config.train.batch_size
     if d.source == "synthetic":
         from ip2p_jax.train.synthetic import SyntheticPairs

@@ -39,6 +39,7 @@ class ComponentSpec:
     module: str          # ip2p_jax.models module with the Flax model and `abstract_params(config)`
     config_class: str    # its config dataclass (from_dict / to_dict)
     weights_stem: str    # diffusers: diffusion_pytorch_model.safetensors, transformers: model.safetensors
+    pickle_stem: str     # diffusers: diffusion_pytorch_model.bin, transformers: pytorch_model.bin
     library: str         # model_index.json entry
     reference_class: str
     # transformers 4 names CLIPTextModel weights `text_model.*`, transformers 5 drops the prefix:
@@ -66,11 +67,11 @@ def _abstract_params_cached(module: str, config):
 
 SPECS = {
     "unet": ComponentSpec("unet", "ip2p_jax.models.unet", "UNetConfig", "diffusion_pytorch_model",
-                          "diffusers", "UNet2DConditionModel"),
+                          "diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
     "vae": ComponentSpec("vae", "ip2p_jax.models.vae", "VAEConfig", "diffusion_pytorch_model",
-                         "diffusers", "AutoencoderKL"),
+                         "diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
     "text_encoder": ComponentSpec("text_encoder", "ip2p_jax.models.clip", "CLIPTextConfig", "model",
-                                  "transformers", "CLIPTextModel", optional_prefix="text_model."),
+                                  "pytorch_model", "transformers", "CLIPTextModel", optional_prefix="text_model."),
 }
 
 

@@ -46,7 +46,7 @@ def load_component(folder: str, name: str, *, dtype=np.float32, variant: str | N
         raise WeightsError(f"{folder}: missing {spec.folder}/ (a diffusers folder holds {FOLDER_LAYOUT})")
     config_path = os.path.join(sub, "config.json")
     config = spec.config_from_dict(read_json(config_path), source=config_path)
-    weights_path = find_weights(sub, spec.weights_stem, variant)
+    weights_path = find_weights(sub, spec.weights_stem, variant, spec.pickle_stem)
     state = read_state_dict(weights_path, trust_pickle=trust_pickle)
     return config, state_to_params(state, name, config, dtype=dtype, source=weights_path), weights_path
 

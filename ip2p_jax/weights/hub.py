@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import re
 
+from ip2p_jax.weights.components import SPECS
 from ip2p_jax.weights.naming import WeightsError
 
 # Stable Diffusion 1.x single files carry no tokenizer; theirs is CLIP ViT-L/14's.
 SD_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-_WEIGHTS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+_WEIGHTS = tuple((s.folder, s.weights_stem, s.pickle_stem) for s in SPECS.values())
 _META = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
          "tokenizer/*", "scheduler/*"]
 
@@ -24,7 +25,8 @@ def is_hub_id(s: str) -> bool:
 def weight_patterns(ext: str, variant: str | None) -> list[str]:
     tag = f".{variant}" if variant else ""
     out = []
-    for comp, stem in _WEIGHTS:
+    for comp, st_stem, pickle_stem in _WEIGHTS:
+        stem = st_stem if ext == "safetensors" else pickle_stem
         out += [f"{comp}/{stem}{tag}.{ext}", f"{comp}/{stem}.{ext}.index{tag}.json", f"{comp}/{stem}-*-of-*{tag}.{ext}"]
     return out
 
@@ -53,9 +55,9 @@ def download_pipeline(repo_id: str, variant: str | None = None, revision: str | 
     from ip2p_jax.weights.io import find_weights
 
     folder = snapshot(repo_id, _META + weight_patterns("safetensors", variant), repo_id, revision)
-    for comp, stem in _WEIGHTS:
+    for comp, stem, pickle_stem in _WEIGHTS:
         try:
-            find_weights(os.path.join(folder, comp), stem, variant)
+            find_weights(os.path.join(folder, comp), stem, variant, pickle_stem)
         except WeightsError:  # an older repo with only pickles
             return snapshot(repo_id, _META + weight_patterns("bin", variant), repo_id, revision)
     return folder

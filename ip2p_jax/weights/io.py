@@ -133,27 +133,30 @@ def write_json(d: Mapping[str, Any], path: str) -> None:
         f.write("\n")
 
 
-def find_weights(folder: str, stem: str, variant: str | None = None) -> str:
+def find_weights(folder: str, stem: str, variant: str | None = None, pickle_stem: str | None = None) -> str:
     """The weight file of one component folder, in diffusers' order of preference.
 
-    `stem` is `diffusion_pytorch_model` (diffusers) or `model` (transformers); `variant` e.g. "fp16"
+    `stem` is `diffusion_pytorch_model` (diffusers) or `model` (transformers), `pickle_stem` the .bin
+    name if different (transformers: `pytorch_model`); `variant` e.g. "fp16"
     selects `<stem>.fp16.safetensors`. Without a variant, a folder holding only one variant's
     files (e.g. only fp16) is read too.
     """
+    pstem = pickle_stem or stem
+
     def names(v):
         tag = f".{v}" if v else ""
         return [f"{stem}{tag}.safetensors", f"{stem}.safetensors.index{tag}.json",
-                f"{stem}{tag}.bin", f"{stem}.bin.index{tag}.json"]
+                f"{pstem}{tag}.bin", f"{pstem}.bin.index{tag}.json"]
 
     for name in names(variant):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if variant is None:
-        variants = sorted({n[len(stem) + 1:].split(".")[0] for n in present
-                           if n.startswith(stem + ".") and n.count(".") == 2 and n.endswith((".safetensors", ".bin"))})
+        variants = sorted({n.split(".")[1] for n in present if n.count(".") == 2 and (
+            (n.startswith(stem + ".") and n.endswith(".safetensors")) or (n.startswith(pstem + ".") and n.endswith(".bin")))})
         if len(variants) == 1:
-            return find_weights(folder, stem, variants[0])
+            return find_weights(folder, stem, variants[0], pickle_stem)
     wanted = names(variant)[0]
     raise WeightsError(f"{folder}: no weight file {wanted} (nor sharded or .bin); the folder holds: "
                        f"{', '.join(present) or 'nothing'}")

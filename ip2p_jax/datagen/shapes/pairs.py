@@ -8,14 +8,16 @@ authors' on-disk layout.
     <out>/seeds.json                               sorted [[dir_name, [seeds...]], ...]
 
 Both images of a pair are rendered from the same seed, so unchanged objects sit
-at the same pixels. A prompt dir is written under a temporary name and renamed
-when complete: an existing 7-digit dir is finished, a rerun skips it, and a
-killed run leaves only a ``.tmp-*`` dir that the next run removes.
+at the same pixels. A prompt dir is written as ``<out>/.partial/<name>-<pid>``
+and renamed into place when complete: an existing 7-digit dir is finished, a
+rerun skips it, and a killed run leaves only a dir under ``.partial/`` (which
+no reader of the layout looks into) that the next run removes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -29,13 +31,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caption import parse_caption
-from .render import DEFAULT_RESOLUTION, render
+from .render import DEFAULT_RESOLUTION, render_array
 from .world import Edit, Layout, Obj, Scene, SceneError, apply_edit, diff_scenes
 
 JPEG_QUALITY = 95
 PROMPT_KEYS = ("input", "edit", "output")
 _DIR_RE = re.compile(r"^\d{7}$")
-_TMP_RE = re.compile(r"^\.tmp-(\d{7})-(\d+)$")
+_PARTIAL = ".partial"
+_PARTIAL_RE = re.compile(r"^(\d{7})-(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +56,19 @@ class Example:
     def instruction(self) -> str:
         return self.prompt["edit"]
 
+    @functools.cached_property
+    def input_array(self) -> np.ndarray:
+        return render_array(self.input_scene, self.resolution)
+
+    @functools.cached_property
+    def output_array(self) -> np.ndarray:
+        return render_array(self.output_scene, self.resolution)
+
     def input_image(self) -> Image.Image:
-        return render(self.input_scene, self.resolution)
+        return Image.fromarray(self.input_array)
 
     def output_image(self) -> Image.Image:
-        return render(self.output_scene, self.resolution)
+        return Image.fromarray(self.output_array)
 
     def metadata(self) -> dict:
         value = self.edit.value.to_dict() if isinstance(self.edit.value, Obj) else self.edit.value
@@ -127,11 +138,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(out: Path) -> int:
-    """Delete ``.tmp-<name>-<pid>`` dirs whose writer process is gone."""
+def remove_stale_partial_dirs(out: Path) -> int:
+    """Delete ``.partial/<name>-<pid>`` dirs whose writer process is gone."""
     n = 0
-    for p in out.iterdir():
-        m = _TMP_RE.match(p.name)
+    for p in (out / _PARTIAL).glob("*"):
+        m = _PARTIAL_RE.match(p.name)
         if m and p.is_dir() and (int(m[2]) == os.getpid() or not _pid_alive(int(m[2]))):
             shutil.rmtree(p)
             n += 1
@@ -148,10 +159,10 @@ def write_prompt_dir(out: Path, index: int, prompt: dict, seeds: list[int],
             raise SceneError(f"{final} holds a different prompt ({have.get('edit')!r}, not "
                              f"{prompt.get('edit')!r}); use a fresh --out for a new prompts file")
         return False
-    tmp = out / f".tmp-{dir_name(index)}-{os.getpid()}"
+    tmp = out / _PARTIAL / f"{dir_name(index)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     meta = []
     for seed in seeds:
         ex = make_example(prompt, seed, resolution)
@@ -196,7 +207,7 @@ def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed:
     ``limit`` stops after writing that many new dirs (for tests and partial runs)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out)
+    remove_stale_partial_dirs(out)
     prompts = list(prompts)
     jobs = [(str(out), i, p, sample_seeds(seed, i, samples_per_prompt), resolution, quality)
             for i, p in enumerate(prompts)]
@@ -217,4 +228,8 @@ def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed:
             pool.shutdown(cancel_futures=True)
     entries = collect_seeds(out)
     _atomic_write_text(out / "seeds.json", json.dumps(entries))
+    try:
+        (out / _PARTIAL).rmdir()  # only if empty (no other writer busy)
+    except OSError:
+        pass
     return WriteStats(written, skipped, sum(len(s) for _, s in entries))

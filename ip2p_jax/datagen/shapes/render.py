@@ -38,8 +38,8 @@ def _vertices(shape: str, cx: float, cy: float, h: float) -> list[tuple[float, f
 
 
 @functools.lru_cache(maxsize=4096)
-def coverage(o: Obj, resolution: int = DEFAULT_RESOLUTION, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """Fraction of each pixel the object covers, float32 (resolution, resolution), read-only."""
+def _local_coverage(o: Obj, resolution: int, supersample: int) -> tuple[int, int, np.ndarray]:
+    """(y0, x0, coverage of the box [y0:y0+h, x0:x0+w] around the object)."""
     if o.center is None:
         raise SceneError(f"object {o.size} {o.color} {o.shape} has no position (place the scene first)")
     h = HALF_SIZE[o.size] * resolution
@@ -47,15 +47,24 @@ def coverage(o: Obj, resolution: int = DEFAULT_RESOLUTION, supersample: int = SU
     x1, y1 = (min(int(math.ceil(c * resolution + h)) + 1, resolution) for c in o.center)
     cx, cy = (o.center[0] * resolution - x0) * supersample, (o.center[1] * resolution - y0) * supersample
     hs = h * supersample
-    img = Image.new("1", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
+    img = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
     draw = ImageDraw.Draw(img)
     if o.shape == "circle":
         draw.ellipse([cx - hs, cy - hs, cx + hs, cy + hs], fill=1)
     else:
         draw.polygon(_vertices(o.shape, cx, cy, hs), fill=1)
-    sub = np.asarray(img, dtype=np.float32).reshape(y1 - y0, supersample, x1 - x0, supersample)
+    sub = np.asarray(img).reshape(y1 - y0, supersample, x1 - x0, supersample)
+    local = sub.sum(axis=(1, 3), dtype=np.float32) / supersample**2
+    local.flags.writeable = False
+    return y0, x0, local
+
+
+@functools.lru_cache(maxsize=4096)
+def coverage(o: Obj, resolution: int = DEFAULT_RESOLUTION, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Fraction of each pixel the object covers, float32 (resolution, resolution), read-only."""
+    y0, x0, local = _local_coverage(o, resolution, supersample)
     out = np.zeros((resolution, resolution), np.float32)
-    out[y0:y1, x0:x1] = sub.mean(axis=(1, 3))
+    out[y0:y0 + local.shape[0], x0:x0 + local.shape[1]] = local
     out.flags.writeable = False
     return out
 
@@ -64,10 +73,15 @@ def render_array(scene: Scene, resolution: int = DEFAULT_RESOLUTION,
                  supersample: int = SUPERSAMPLE) -> np.ndarray:
     """uint8 (resolution, resolution, 3) image of a placed scene."""
     bg = np.array(PALETTE[scene.background], np.float32)
-    img = np.broadcast_to(bg, (resolution, resolution, 3)).copy()
+    img = np.empty((resolution, resolution, 3), np.uint8)
+    img[:] = PALETTE[scene.background]
     for o in scene.objects:
-        img += coverage(o, resolution, supersample)[..., None] * (np.array(PALETTE[o.color], np.float32) - bg)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        # Objects never overlap; boxes may, but a box adds nothing where its coverage is 0.
+        y0, x0, local = _local_coverage(o, resolution, supersample)
+        box = np.s_[y0:y0 + local.shape[0], x0:x0 + local.shape[1]]
+        delta = np.array(PALETTE[o.color], np.float32) - bg
+        img[box] = np.rint(img[box] + local[..., None] * delta).astype(np.uint8)
+    return img
 
 
 def render(scene: Scene, resolution: int = DEFAULT_RESOLUTION, supersample: int = SUPERSAMPLE) -> Image.Image:

@@ -1,0 +1,18 @@
+"""`ip2p export --workdir DIR --out FOLDER`: a run's EMA weights as a complete diffusers folder."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the training run's workdir (config.json + checkpoints/)")
+    parser.add_argument("--out", required=True, help="the diffusers folder to write (replaced if it exists)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+
+def run(args) -> int:
+    from ip2p_jax.train.export import export_run
+
+    out = export_run(args.workdir, args.out, step=args.step)
+    print(f"wrote {out}")
+    return 0

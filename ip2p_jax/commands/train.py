@@ -1,0 +1,55 @@
+"""`ip2p train --config configs/train.py:PRESET --workdir DIR [--config.key=value ...]`.
+
+Running the same command again resumes from the workdir's latest checkpoint. Multi-host: pass
+--distributed (auto-detected cluster) or --coordinator/--num_processes/--process_id.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ip2p_jax.train.configs import split_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE[:PRESET]",
+                        help="ml_collections config file and preset, e.g. configs/train.py:sd15; "
+                             "override any setting with --config.key=value")
+    parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs and the export go here")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (cluster auto-detection) before training")
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host without a cluster)")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    # `--config.a.b=v` tokens are not argparse options: collect them before argparse sees the rest.
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        overrides, rest = split_overrides(list(args) if args is not None else [])
+        ns, extras = parse_known(rest, namespace)
+        ns.config_overrides = list(getattr(ns, "config_overrides", None) or []) + overrides
+        return ns, extras
+
+    parser.parse_known_args = parse_known_args
+
+
+def init_distributed(args) -> None:
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if not (args.coordinator and args.num_processes and args.process_id is not None):
+            raise ValueError("--coordinator, --num_processes and --process_id go together")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def run(args) -> int:
+    from ip2p_jax.train.configs import apply_overrides, load_config
+    from ip2p_jax.train.loop import train
+
+    config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
+    init_distributed(args)
+    result = train(config, args.workdir)
+    if result.preempted:
+        print(f"stopped at step {result.step}; run the same command again to resume")
+    return 0
