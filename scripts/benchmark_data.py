@@ -52,26 +52,27 @@ def make_source(root: str, pairs: int, size: int, quality: int, seeds_per_prompt
         json.dump(index, f)
 
 
-def per_example_cpu(pipe, n: int) -> dict:
-    """CPU seconds per example for each stage, one thread."""
+def per_example_cpu(pipe, n: int, draft: bool) -> dict:
+    """CPU seconds per example for each stage of the pipeline's work, one thread."""
     import numpy as np
 
     from ip2p_jax.data import augment as aug
     from ip2p_jax.data.builder import IMAGE_FEATURES
     from ip2p_jax.data.tokenize import fast_tokenizer, tokenize
 
-    cfg, src, tok = pipe.config, pipe.source, fast_tokenizer(pipe.tokenizer)
+    cfg, src, tok = pipe.config.augment, pipe.source, fast_tokenizer(pipe.tokenizer)
     stages = dict.fromkeys(["read record", "decode", "resize+crop+flip", "to float", "tokenise"], 0.0)
     for i in range(n):
         rng = np.random.default_rng([0, i])
         t0 = time.process_time()
         ex = src[i % len(src)]
         t1 = time.process_time()
-        ims = [aug.decode_rgb(ex[k]) for k in IMAGE_FEATURES]
+        p = aug.draw_params(cfg, rng)
+        ims = [aug.decode_rgb(ex[k], p.size if draft else None) for k in IMAGE_FEATURES]
         for im in ims:
             im.load()
         t2 = time.process_time()
-        x0, x1 = aug.augment_pair(ims[0], ims[1], cfg.augment, rng)
+        x0, x1 = (aug.apply_params(im, p, cfg.crop_size) for im in ims)
         t3 = time.process_time()
         aug.to_float(x0), aug.to_float(x1)
         t4 = time.process_time()
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft-decode", action="store_true", help="pipeline runs with AugmentConfig(draft_decode=True)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args(argv)
 
@@ -118,16 +120,19 @@ def main(argv=None) -> int:
     builder = open_dataset(report.path)
     tok = tiny.tokenizer(os.path.join(work, "tok"))
     res = args.resolution
-    aug_cfg = AugmentConfig(res, res, res)
+    aug_cfg = AugmentConfig(res, res, res, draft_decode=args.draft_decode)
 
     pipe = EditPairPipeline(builder, tok, PipelineConfig(global_batch_size=args.batch, augment=aug_cfg),
                             process_index=0, process_count=1)
-    stages = per_example_cpu(pipe, 200)
-    cpu = sum(stages.values())
-    print(f"per-example CPU time, {args.source_size}² -> {res}²: {cpu * 1e3:.1f} ms = {1 / cpu:.0f} examples/s per core")
-    for k, v in stages.items():
-        print(f"  {k:<18} {v * 1e3:6.2f} ms")
-    print(f"  => 16-core host, 14 cores feeding (2 left for the training loop): {14 / cpu:.0f} examples/s")
+    for draft in (False, True):
+        stages = per_example_cpu(pipe, 200, draft)
+        cpu = sum(stages.values())
+        mode = "draft_decode (reduced-scale JPEG decoding)" if draft else "exact (authors': full decode + LANCZOS)"
+        print(f"per-example CPU time, {args.source_size}² -> {res}², {mode}: {cpu * 1e3:.1f} ms "
+              f"= {1 / cpu:.0f} examples/s per core")
+        for k, v in stages.items():
+            print(f"  {k:<18} {v * 1e3:6.2f} ms")
+        print(f"  => 16-core host, 14 cores feeding (2 left for the training loop): {14 / cpu:.0f} examples/s")
 
     for workers in args.workers:
         cfg = PipelineConfig(global_batch_size=args.batch, augment=aug_cfg, worker_count=workers,

@@ -83,3 +83,16 @@ def test_decode_rgb_converts_modes():
         Image.fromarray(tiny.random_image(8, 8)).convert(mode).save(buf, "PNG")
         im = A.decode_rgb(buf.getvalue())
         assert im.mode == "RGB" and np.asarray(im).shape == (8, 8, 3)
+
+
+def test_draft_decode_is_close_and_joint():
+    import data_helpers as dh
+    data = dh.encode(tiny.random_image(128, 128, seed=3), "JPEG")
+    small = A.decode_rgb(data, draft_size=40)
+    assert small.size == (64, 64) and small.mode == "RGB"  # 1/2 scale: the smallest not below 40
+    cfg = A.AugmentConfig(40, 40, 32, draft_decode=True)
+    p = A.draw_params(cfg, np.random.default_rng(0))
+    exact = A.apply_params(A.decode_rgb(data), p, 32).astype(float)
+    fast = A.apply_params(small, p, 32).astype(float)
+    assert np.abs(exact - fast).mean() < 6  # same picture, slightly different filtering
+    assert A.decode_rgb(dh.encode(tiny.random_image(20, 20), "PNG"), draft_size=8).size == (20, 20)

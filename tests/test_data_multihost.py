@@ -27,7 +27,9 @@ from ip2p_jax.data.augment import AugmentConfig
 from ip2p_jax.data.builder import open_dataset
 from ip2p_jax.data.multihost import to_global
 from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
+from ip2p_jax.data.tokenize import FastTokenizer
 
+tok = FastTokenizer(*json.load(open(tok)))  # no transformers import here
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 cfg = PipelineConfig(global_batch_size=8, num_epochs=1, augment=AugmentConfig(34, 40, 32))
 pipe = EditPairPipeline(open_dataset(data), tok, cfg)  # process index / count from jax
@@ -61,13 +63,14 @@ def test_two_processes(tmp_path):
     report = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "d"), progress=False)
     n_train = report.examples["train"]
     assert n_train % 8 == 0  # so one epoch is whole global batches
-    tiny.tokenizer_files(str(tmp_path / "tok"))
+    from test_data_pipeline import fast_tokenizer_file
+    tok = fast_tokenizer_file(tiny.tokenizer(str(tmp_path / "tok")), tmp_path / "tok.json")
     script = tmp_path / "host.py"
     script.write_text(HOST_SCRIPT)
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), report.path, str(tmp_path / "tok"),
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), report.path, tok,
                                str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:

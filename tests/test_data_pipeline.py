@@ -130,7 +130,8 @@ def test_same_image_pair_stays_identical(tmp_path, data):
     (src / "same.jsonl").write_text("\n".join(lines))
     builder = B.open_dataset(B.build_dataset("jsonl", str(src), str(tmp_path / "d"), progress=False).path)
     assert B.src.split_of("all-train") == "train"
-    pipe = EditPairPipeline(builder, tok, PipelineConfig(global_batch_size=5, augment=AUG), process_index=0,
+    aug = AugmentConfig(34, 40, 32, draft_decode=True)  # also the reduced-scale JPEG decoding path
+    pipe = EditPairPipeline(builder, tok, PipelineConfig(global_batch_size=5, augment=aug), process_index=0,
                             process_count=1)
     for batch in _take(pipe, 6):
         np.testing.assert_array_equal(batch["input_image"], batch["edited_image"])
@@ -146,15 +147,15 @@ def test_bad_settings(data):
 WORKER_SCRIPT = """
 import json, sys
 import numpy as np
-sys.path.insert(0, {tests!r})
-import tiny
 from ip2p_jax.data.builder import open_dataset
 from ip2p_jax.data.augment import AugmentConfig
 from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
+from ip2p_jax.data.tokenize import FastTokenizer
 
 def run(workers, steps, state=None):
     cfg = PipelineConfig(global_batch_size=8, augment=AugmentConfig(34, 40, 32), worker_count=workers)
-    pipe = EditPairPipeline(open_dataset({data!r}), tiny.tokenizer({tok!r}), cfg, process_index=0, process_count=1)
+    tok = FastTokenizer(*json.load(open({tok!r})))  # no transformers import in this process
+    pipe = EditPairPipeline(open_dataset({data!r}), tok, cfg, process_index=0, process_count=1)
     if state:
         pipe.set_state(state)
     with pipe:
@@ -169,17 +170,23 @@ if __name__ == "__main__":
 """
 
 
+def fast_tokenizer_file(tok, path) -> str:
+    """The tokenizer as FastTokenizer arguments in a JSON file (subprocesses skip transformers)."""
+    with open(path, "w") as f:
+        json.dump([tok.backend_tokenizer.to_str(), tok.pad_token_id, tok.eos_token_id], f)
+    return str(path)
+
+
 def test_worker_processes_give_the_same_batches(data, tmp_path):
     import subprocess
     import sys
 
     builder, tok = data
-    tok.save_pretrained(str(tmp_path / "tok"))
     script = tmp_path / "workers.py"
-    script.write_text(WORKER_SCRIPT.format(tests=os.path.dirname(__file__), data=str(builder.data_dir),
-                                           tok=str(tmp_path / "tok2")))
-    tiny.tokenizer_files(str(tmp_path / "tok2"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    script.write_text(WORKER_SCRIPT.format(data=str(builder.data_dir),
+                                           tok=fast_tokenizer_file(tok, tmp_path / "tok.json")))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

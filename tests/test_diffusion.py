@@ -331,20 +331,21 @@ def test_combine_formula_with_per_example_scales():
 
 def test_expand_interleaves_each_example_with_its_own_rows():
     rng = np.random.default_rng(14)
-    lat, img = (jnp.asarray(rng.standard_normal((3, 2, 2, 4)), jnp.float32) for _ in range(2))
-    cond = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
-    null = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
-    x3, text3 = D.expand(lat, img, cond, null)
+    lat, img = (rng.standard_normal((3, 2, 2, 4)).astype(np.float32) for _ in range(2))
+    cond = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    null = rng.standard_normal((5, 8)).astype(np.float32)
+    expand = jax.jit(D.expand)
+    x3, text3 = expand(lat, img, cond, null)
     assert x3.shape == (9, 2, 2, 8) and text3.shape == (9, 5, 8)
-    xs, ts = D.split_branches(x3), D.split_branches(text3)
+    xs, ts = np.asarray(D.split_branches(x3)), np.asarray(D.split_branches(text3))
     for b in range(3):
-        np.testing.assert_array_equal(xs[b, :, ..., :4], jnp.stack([lat[b]] * 3))
-        np.testing.assert_array_equal(xs[b, :, ..., 4:], jnp.stack([img[b], img[b], jnp.zeros_like(img[b])]))
-        np.testing.assert_array_equal(ts[b], jnp.stack([cond[b], null, null]))
+        np.testing.assert_array_equal(xs[b, ..., :4], np.stack([lat[b]] * 3))
+        np.testing.assert_array_equal(xs[b, ..., 4:], np.stack([img[b], img[b], np.zeros_like(img[b])]))
+        np.testing.assert_array_equal(ts[b], np.stack([cond[b], null, null]))
         # the rows a device holding only example b needs are those expand makes from example b alone
-        one_x, one_t = D.expand(lat[b:b + 1], img[b:b + 1], cond[b:b + 1], null)
-        np.testing.assert_array_equal(xs[b], one_x)
-        np.testing.assert_array_equal(ts[b], one_t)
+        one_x, one_t = expand(lat[b:b + 1], img[b:b + 1], cond[b:b + 1], null)
+        np.testing.assert_array_equal(xs[b], np.asarray(one_x))
+        np.testing.assert_array_equal(ts[b], np.asarray(one_t))
 
 
 def test_guided_eps_fn_formula_and_per_example_sampling():

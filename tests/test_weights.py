@@ -8,6 +8,7 @@ what the PyTorch models compute.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -49,6 +50,14 @@ def sd_dir(tmp_path_factory, ip2p_dir):
 @pytest.fixture(scope="module")
 def components(ip2p_dir) -> Components:
     return load_diffusers_folder(ip2p_dir)
+
+
+@functools.cache
+def unet_apply(config):
+    """One compiled UNet per config (the round trip and the 4->8 test share the 8-channel one)."""
+    from ip2p_jax.models.unet import UNet2DConditionModel
+
+    return jax.jit(UNet2DConditionModel(config, attention_impl="xla").apply)
 
 
 def flat(params) -> dict:
@@ -98,22 +107,23 @@ def test_folder_round_trip_through_diffusers(ip2p_dir, components, tmp_path):
 
     # One forward per network: Flax on our params vs PyTorch on the weights diffusers read from our folder.
     from ip2p_jax.models.clip import CLIPTextModel
-    from ip2p_jax.models.unet import UNet2DConditionModel
     from ip2p_jax.models.vae import AutoencoderKL
 
     rng = np.random.default_rng(0)
-    ids = np.asarray(pipe.tokenizer(["turn the sky red"], padding="max_length", max_length=77).input_ids, np.int32)
+    ids = np.asarray(pipe.tokenizer(["turn the sky red", ""], padding="max_length", max_length=77).input_ids,
+                     np.int32)
     with torch.no_grad():
         ctx_ref = pipe.text_encoder(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     ctx = jax.jit(CLIPTextModel(components.text_config, attention_impl="xla").apply)(
         {"params": components.text_params}, ids)
     np.testing.assert_allclose(np.asarray(ctx), ctx_ref, atol=2e-5, rtol=1e-4)
 
-    x = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    t = np.array([321, 17])
     with torch.no_grad():
-        eps_ref = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), 321, torch.from_numpy(ctx_ref)).sample
-    eps = jax.jit(UNet2DConditionModel(components.unet_config, attention_impl="xla").apply)(
-        {"params": components.unet_params}, x, jnp.array([321]), ctx_ref)
+        eps_ref = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                            torch.from_numpy(ctx_ref)).sample
+    eps = unet_apply(components.unet_config)({"params": components.unet_params}, x, t, ctx_ref)
     np.testing.assert_allclose(np.asarray(eps), eps_ref.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
 
     img = (tiny.random_image(32, 32)[None].astype(np.float32) / 127.5 - 1.0)
@@ -246,21 +256,31 @@ def test_single_file_with_ema(ip2p_dir, components, tmp_path):
     assert "no model_ema" in c.notes[0]
 
 
-def test_single_file_defaults_to_sd15_configs(components, tmp_path):
-    """Without configs a file is read as SD 1.5 (in_channels from conv_in); a tiny one does not fit,
-    and the error says so and how to fix it."""
+def test_single_file_defaults_to_sd15_configs(ip2p_dir, components, tmp_path):
+    """Without configs a file is read as SD 1.5 (in_channels from conv_in) with CLIP's tokenizer from
+    the hub; offline, or with a tiny file that does not fit, the error says so and how to fix it."""
+    path = save_single_file(components, str(tmp_path / "tiny.safetensors"))
+    with pytest.raises(WeightsError, match="holds no tokenizer: pass a tokenizer folder .*--tokenizer.*cannot reach the Hugging Face hub"):
+        load_single_file(path)
+    from ip2p_jax.weights.single_file import _configs
+
+    dicts, notes, _, _ = _configs(None, read_state_dict(path), path)
+    assert dicts["unet"]["in_channels"] == 8 and dicts["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
+    assert "in_channels=8 from the file" in notes[0]
+
+
+@pytest.mark.slow   # traces the full-size SD 1.5 UNet for its shapes
+def test_single_file_that_does_not_fit_sd15(ip2p_dir, components, tmp_path):
     path = save_single_file(components, str(tmp_path / "tiny.safetensors"))
     with pytest.raises(WeightsError) as e:
-        load_single_file(path)
+        load_single_file(path, tokenizer=ip2p_dir)
     msg = str(e.value)
     assert path in msg and "mis-shaped" in msg and "Stable Diffusion 1.5" in msg and "--config" in msg
 
 
 # ------------------------------------------------------------------ 4 -> 8 input channels
 
-def test_expand_conv_in_keeps_outputs(sd_dir):
-    from ip2p_jax.models.unet import UNet2DConditionModel
-
+def test_expand_conv_in_keeps_outputs(sd_dir, components):
     sd = load_diffusers_folder(sd_dir)
     assert sd.unet_config.in_channels == 4
     params8, config8 = expand_conv_in(sd.unet_params, sd.unet_config)
@@ -274,12 +294,11 @@ def test_expand_conv_in_keeps_outputs(sd_dir):
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
-    t = jnp.array([10, 700])
-    out4 = jax.jit(UNet2DConditionModel(sd.unet_config, attention_impl="xla").apply)(
-        {"params": sd.unet_params}, x, t, ctx)
-    out8 = jax.jit(UNet2DConditionModel(config8, attention_impl="xla").apply)(
-        {"params": params8}, np.concatenate([x, np.zeros_like(x)], -1), t, ctx)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t = np.array([10, 700])
+    assert config8 == components.unet_config       # so the compiled 8-channel UNet is shared
+    out4 = unet_apply(sd.unet_config)({"params": sd.unet_params}, x, t, ctx)
+    out8 = unet_apply(config8)({"params": params8}, np.concatenate([x, np.zeros_like(x)], -1), t, ctx)
     np.testing.assert_array_equal(np.asarray(out8), np.asarray(out4))
 
     with pytest.raises(WeightsError, match="shrink"):

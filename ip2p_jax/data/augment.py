@@ -4,6 +4,8 @@ Authors (instruct-pix2pix `edit_dataset.py`): resize both images to a random squ
 r in [min_resize, max_resize] (LANCZOS, aspect ratio not kept), then ONE random crop of
 crop_size and ONE horizontal flip (p = flip_prob) applied to both; values 2 * x / 255 - 1.
 Without augmentation both images are resized to crop_size (no crop, no flip).
+`draft_decode` lets libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale (never below the resize
+target) before that resize: ~3x less CPU for 512² sources and 256² crops, not bit-identical.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class AugmentConfig:
     crop_size: int = 256
     flip_prob: float = 0.5
     random: bool = True  # False: resize to crop_size only (validation / evaluation)
+    draft_decode: bool = False  # faster JPEG decoding at reduced scale (see above)
 
     def __post_init__(self):
         if not 0 < self.crop_size <= self.min_resize <= self.max_resize:
@@ -30,9 +33,12 @@ class AugmentConfig:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (grey, palette and alpha images converted)."""
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image (grey, palette and alpha images converted). With
+    `draft_size`, a JPEG may be decoded at a reduced scale, each side still >= draft_size."""
     im = Image.open(io.BytesIO(data))
+    if draft_size and im.format == "JPEG":
+        im.draft("RGB", (draft_size, draft_size))
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

@@ -249,7 +249,8 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         for _, example in examples:
             if writer is None:
                 path = os.path.join(os.fspath(self.data_path), f".shard-{split}-{len(shards):05d}")
-                writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as TFDS writes them
+                # one record per group (random access), no compression (the images already are)
+                writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
                 shards.append([path, 0])
             data = serializer.serialize_example(feats.encode_example(example))
             writer.write(data)

@@ -86,8 +86,10 @@ class _MakeExample:
         else:
             record = int(unit)
         ex = self.source[record]
-        images = [aug.decode_rgb(ex[k]) for k in IMAGE_FEATURES]
-        x0, x1 = aug.augment_pair(images[0], images[1], self.cfg.augment, rng)
+        params = aug.draw_params(self.cfg.augment, rng)
+        draft = params.size if self.cfg.augment.draft_decode else None
+        x0, x1 = (aug.apply_params(aug.decode_rgb(ex[k], draft), params, self.cfg.augment.crop_size)
+                  for k in IMAGE_FEATURES)
         if self.cfg.image_dtype == "float32":
             x0, x1 = aug.to_float(x0), aug.to_float(x1)
         else:

@@ -16,7 +16,7 @@ import flax.linen as nn
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def _cudnn_ok(q: jax.Array, return_probs: bool, probs_source) -> bool:
+def _cudnn_ok(q: jax.Array, k: jax.Array, return_probs: bool, probs_source) -> bool:
     head_dim = q.shape[-1]
     return (
         not return_probs
@@ -24,6 +24,9 @@ def _cudnn_ok(q: jax.Array, return_probs: bool, probs_source) -> bool:
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0
         and head_dim <= 256
+        # cuDNN's backward (jax 0.11) rejects odd lengths, e.g. cross-attention to 77 CLIP tokens
+        and q.shape[1] % 2 == 0
+        and k.shape[1] % 2 == 0
         and jax.default_backend() == "gpu"
     )
 
@@ -53,7 +56,7 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q, return_probs, probs_source) else "xla"
+        impl = "cudnn" if _cudnn_ok(q, k, return_probs, probs_source) else "xla"
     if impl == "cudnn":
         if return_probs or probs_source is not None:
             raise ValueError("cudnn attention cannot return or replace probabilities; use impl='xla'")

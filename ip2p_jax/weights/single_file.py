@@ -103,6 +103,8 @@ def ldm_to_diffusers(ckpt: Mapping[str, Any], unet_config: Mapping, vae_config: 
         "text_encoder": sfu.convert_ldm_clip_checkpoint(
             {k: v for k, v in ckpt.items() if k.startswith(tuple(sfu.LDM_CLIP_PREFIX_TO_REMOVE))}),
     }
+    # diffusers' converters write None for an original name the file lacks: report those as missing.
+    states = {name: {k: v for k, v in st.items() if v is not None} for name, st in states.items()}
     if not states["vae"]:
         raise WeightsError(f"{source}: no VAE weights ({VAE_PREFIX}*)")
     if not states["text_encoder"]:
@@ -157,8 +159,8 @@ def _tokenizer(tokenizer, folder_hint):
     try:
         return load_tokenizer(download_tokenizer())
     except WeightsError as e:
-        raise WeightsError(f"a single-file checkpoint holds no tokenizer, and {e}; or pass a tokenizer "
-                           f"folder (tokenizer=..., --tokenizer) such as {SD_TOKENIZER_REPO}'s") from None
+        raise WeightsError(f"a single-file checkpoint holds no tokenizer: pass a tokenizer folder (tokenizer=..., "
+                           f"--tokenizer), e.g. a download of {SD_TOKENIZER_REPO}; fetching it failed: {e}") from None
 
 
 def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=np.float32, tokenizer=None,
@@ -177,16 +179,19 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
     dicts, notes, tok_folder, sched = _configs(config, ckpt, path)
     configs = {}
     for name in SPECS:
-        configs[name] = SPECS[name].config_from_dict(dicts[name], source=f"{path} ({name} config)")
+        source = (os.path.join(os.fspath(config), SPECS[name].folder, "config.json")
+                  if isinstance(config, (str, os.PathLike)) else f"{path} ({name} config)")
+        configs[name] = SPECS[name].config_from_dict(dicts[name], source=source)
     ref_dicts = {name: config_dict(name, configs[name]) for name in SPECS}
     states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path)
     del ckpt
+    tokenizer = _tokenizer(tokenizer, tok_folder)   # before the long part, so a missing one fails fast
     params = {}
     for name in tqdm(list(SPECS), desc=f"converting {os.path.basename(path)}", unit="part",
                      disable=not progress, leave=False):
         try:
             params[name] = state_to_params(states.pop(name), name, configs[name], dtype=dtype,
-                                           source=f"{path} ({name})")
+                                           source=f"{path} ({name}, names as diffusers' converter gives them)")
         except WeightsError as e:
             hint = ("" if config is not None else
                     "\n  (the file does not fit Stable Diffusion 1.5's networks: pass its configs, e.g. "
@@ -195,7 +200,7 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
     return Components(unet_config=configs["unet"], unet_params=params["unet"],
                       vae_config=configs["vae"], vae_params=params["vae"],
                       text_config=configs["text_encoder"], text_params=params["text_encoder"],
-                      tokenizer=_tokenizer(tokenizer, tok_folder), scheduler_config=dict(sched or DEFAULT_SCHEDULER),
+                      tokenizer=tokenizer, scheduler_config=dict(sched or DEFAULT_SCHEDULER),
                       source=path, notes=[ema_note] + notes)
 
 

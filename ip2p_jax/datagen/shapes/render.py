@@ -37,24 +37,57 @@ def _vertices(shape: str, cx: float, cy: float, h: float) -> list[tuple[float, f
     raise SceneError(f"unknown shape {shape!r}")
 
 
-@functools.lru_cache(maxsize=4096)
-def _local_coverage(o: Obj, resolution: int, supersample: int) -> tuple[int, int, np.ndarray]:
-    """(y0, x0, coverage of the box [y0:y0+h, x0:x0+w] around the object)."""
-    if o.center is None:
-        raise SceneError(f"object {o.size} {o.color} {o.shape} has no position (place the scene first)")
-    h = HALF_SIZE[o.size] * resolution
-    x0, y0 = (max(int(math.floor(c * resolution - h)) - 1, 0) for c in o.center)
-    x1, y1 = (min(int(math.ceil(c * resolution + h)) + 1, resolution) for c in o.center)
-    cx, cy = (o.center[0] * resolution - x0) * supersample, (o.center[1] * resolution - y0) * supersample
-    hs = h * supersample
+@functools.lru_cache(maxsize=None)
+def shape_moments(shape: str) -> tuple[float, float, float]:
+    """(area, centroid x, centroid y) of a shape of half-size 1 centred at 0."""
+    if shape == "circle":
+        return math.pi, 0.0, 0.0
+    pts = _vertices(shape, 0.0, 0.0, 1.0)
+    a = cx = cy = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):  # shoelace
+        cross = x0 * y1 - x1 * y0
+        a += cross
+        cx += (x0 + x1) * cross
+        cy += (y0 + y1) * cross
+    a /= 2
+    return abs(a), cx / (6 * a), cy / (6 * a)
+
+
+def _local_shape_coverage(shape: str, cx: float, cy: float, h: float, resolution: int,
+                          supersample: int) -> tuple[int, int, np.ndarray]:
+    """(y0, x0, coverage of the box [y0:y0+rows, x0:x0+cols] around the shape); centre
+    (cx, cy) and half-size h in pixels."""
+    x0, y0 = max(int(math.floor(cx - h)) - 1, 0), max(int(math.floor(cy - h)) - 1, 0)
+    x1 = min(int(math.ceil(cx + h)) + 1, resolution)
+    y1 = min(int(math.ceil(cy + h)) + 1, resolution)
+    if x1 <= x0 or y1 <= y0:
+        return 0, 0, np.zeros((0, 0), np.float32)
+    lx, ly, hs = (cx - x0) * supersample, (cy - y0) * supersample, h * supersample
     img = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
     draw = ImageDraw.Draw(img)
-    if o.shape == "circle":
-        draw.ellipse([cx - hs, cy - hs, cx + hs, cy + hs], fill=1)
+    if shape == "circle":
+        draw.ellipse([lx - hs, ly - hs, lx + hs, ly + hs], fill=1)
     else:
-        draw.polygon(_vertices(o.shape, cx, cy, hs), fill=1)
+        draw.polygon(_vertices(shape, lx, ly, hs), fill=1)
     sub = np.asarray(img).reshape(y1 - y0, supersample, x1 - x0, supersample)
-    local = sub.sum(axis=(1, 3), dtype=np.float32) / supersample**2
+    return y0, x0, sub.sum(axis=(1, 3), dtype=np.float32) / supersample**2
+
+
+def shape_coverage(shape: str, cx: float, cy: float, h: float, resolution: int,
+                   supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Coverage (resolution, resolution) of any shape: centre and half-size in pixels."""
+    y0, x0, local = _local_shape_coverage(shape, cx, cy, h, resolution, supersample)
+    out = np.zeros((resolution, resolution), np.float32)
+    out[y0:y0 + local.shape[0], x0:x0 + local.shape[1]] = local
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_coverage(o: Obj, resolution: int, supersample: int) -> tuple[int, int, np.ndarray]:
+    if o.center is None:
+        raise SceneError(f"object {o.size} {o.color} {o.shape} has no position (place the scene first)")
+    y0, x0, local = _local_shape_coverage(o.shape, o.center[0] * resolution, o.center[1] * resolution,
+                                          HALF_SIZE[o.size] * resolution, resolution, supersample)
     local.flags.writeable = False
     return y0, x0, local
 

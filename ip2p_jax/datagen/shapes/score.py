@@ -7,13 +7,13 @@ renderer's known geometry (coverage masks, slots) of the example's scenes:
 - background: median colour of the pixels no object touches (in input or
               output, 1 px margin) is the asked colour.
 - remove:     median colour of the removed object's interior is the background.
-- resize:     pixels of the object's colour inside its slot, counted and
+- resize:     pixels of the object's colour in its slot, counted and
               compared with the ideal areas of its shape small and large (nearest
               in log-area; far below small or far above large = neither); the
               size class must be the asked one.
-- shape:      the object's-colour pixels in its slot are compared (IoU, aligned
-              by bounding-box centre, +-1 px search) with templates of every
-              shape at its size; the best (IoU >= 0.5) must be the asked shape.
+- shape:      the largest blob of the object's colour in its slot is compared
+              (IoU, +-1 px search) with a template of every shape fitted to the
+              blob's area and centroid; the best (IoU >= 0.5) must be the asked shape.
 - add:        the new object may appear ANYWHERE outside the input objects'
               slots: the largest connected blob of the asked colour there must
               have the asked size class and shape (same tests as above). The
@@ -39,8 +39,8 @@ from PIL import Image
 from scipy import ndimage
 
 from .pairs import Example
-from .render import coverage, slot_mask
-from .world import COLORS, EDIT_TYPES, HALF_SIZE, PALETTE, SHAPES, SIZES, Obj
+from .render import coverage, shape_coverage, shape_moments, slot_mask
+from .world import COLORS, EDIT_TYPES, PALETTE, SHAPES, SIZES, Obj
 
 PSNR_CAP = 100.0
 MIN_SHAPE_IOU = 0.5
@@ -94,11 +94,6 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _box_center(mask: np.ndarray) -> tuple[float, float]:
-    ys, xs = np.nonzero(mask)
-    return (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-
-
 def _bbox_slice(mask: np.ndarray, margin: int = 0):
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
@@ -106,35 +101,28 @@ def _bbox_slice(mask: np.ndarray, margin: int = 0):
                  max(xs.min() - margin, 0):min(xs.max() + 1 + margin, w)]
 
 
-def classify_shape(mask: np.ndarray, size: str, center, resolution: int,
-                   region: Optional[np.ndarray] = None) -> tuple[Optional[str], float]:
-    """Best-matching shape and its IoU: ``mask`` against templates of every shape of
-    ``size`` near ``center``, aligned by bounding-box centre (+-1 px), each cut at
-    coverage 0.25/0.5/0.75 (a colour-labelled mask keeps edge pixels by how the
-    blend reads, not at exactly 0.5). (None, iou) if the best IoU < MIN_SHAPE_IOU."""
-    region = np.ones_like(mask) if region is None else region
-    mask = mask & region
+def classify_shape(mask: np.ndarray) -> tuple[Optional[str], float]:
+    """Best-matching shape of a blob and its IoU. Each shape's template is fitted to
+    the blob's area and centroid (size is judged separately, by area; moments are
+    robust to ragged edges) and compared with +-1 px shifts; (None, iou) when even
+    the best IoU is below MIN_SHAPE_IOU."""
     if not mask.any():
         return None, 0.0
-    # Work inside a box holding the region's part near the mask and every template.
-    window = _bbox_slice(mask, margin=int(math.ceil(2 * HALF_SIZE["large"] * resolution)))
-    mask, region = mask[window], region[window]
-    my, mx = _box_center(mask)
+    mask = mask[_bbox_slice(mask, margin=3)]
+    ys, xs = np.nonzero(mask)
+    area, my, mx = float(len(xs)), ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
     best, best_iou = None, 0.0
     for shape in SHAPES:
-        cov = coverage(Obj(shape, "black", size, tuple(center)), resolution)[window]
-        if not (cov >= 0.75).any():
-            continue  # template outside the window: not near the mask at all
-        for cut in (0.25, 0.5, 0.75):
-            template = cov >= cut
-            ty, tx = _box_center(template)
-            oy, ox = int(round(my - ty)), int(round(mx - tx))
-            for dy in (oy - 1, oy, oy + 1):
-                for dx in (ox - 1, ox, ox + 1):
-                    t = _shift(template, dy, dx) & region
-                    iou = (t & mask).sum() / max((t | mask).sum(), 1)
-                    if iou > best_iou:
-                        best, best_iou = shape, float(iou)
+        unit_area, ux, uy = shape_moments(shape)
+        h = math.sqrt(area / unit_area)
+        side = max(mask.shape)
+        template = shape_coverage(shape, mx - ux * h, my - uy * h, h, side)[:mask.shape[0], :mask.shape[1]] >= 0.5
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                t = _shift(template, dy, dx)
+                iou = (t & mask).sum() / max((t | mask).sum(), 1)
+                if iou > best_iou:
+                    best, best_iou = shape, float(iou)
     return (best if best_iou >= MIN_SHAPE_IOU else None), best_iou
 
 
@@ -155,20 +143,26 @@ def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
 
 
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    comps, n = ndimage.label(mask, structure=_EIGHT)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
+    return comps == (1 + int(np.argmax(sizes)))
+
+
 def _find_added(example: Example, img, new: Obj):
     res = example.resolution
     free = np.ones((res, res), bool)
     for o in example.input_scene.objects:
         free &= ~slot_mask(o, res)
-    comps, n = ndimage.label((color_labels(img) == COLORS.index(new.color)) & free, structure=_EIGHT)
-    if n == 0:
+    blob = _largest_blob((color_labels(img) == COLORS.index(new.color)) & free)
+    if not blob.any():
         return None, None, None, None
-    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
-    blob = comps == (1 + int(np.argmax(sizes)))
     ys, xs = np.nonzero(blob)
     center = (((xs.min() + xs.max() + 1) / 2) / res, ((ys.min() + ys.max() + 1) / 2) / res)
     found_size = size_class(float(blob.sum()), new.shape, center, res)
-    found_shape, _ = classify_shape(blob, new.size, center, res)
+    found_shape, _ = classify_shape(blob)
     return blob, new.color, found_size, found_shape
 
 
@@ -209,7 +203,7 @@ def score_edit(example: Example, edited_image) -> dict:
             if edit.type == "resize":
                 expected, found = edit.value, size_class(float(mine.sum()), obj.shape, obj.center, res)
             else:  # shape
-                expected, found = edit.value, classify_shape(mine, obj.size, obj.center, res, slot)[0]
+                expected, found = edit.value, classify_shape(_largest_blob(mine))[0]
 
     target = example.output_array
     agree = np.all(example.input_array == target, axis=-1)
