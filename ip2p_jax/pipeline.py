@@ -130,6 +130,7 @@ class EditPipeline:
         self.params = sharding.replicate(
             {"unet": cast(c.unet_params), "vae": cast(c.vae_params), "text": cast(c.text_params)}, self.mesh)
         self._edit_jit = self._build_edit()
+        self._noise_jit = None
         self._text_jit = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids),
                                  out_shardings=sharding.replicated(self.mesh))
 
@@ -168,28 +169,30 @@ class EditPipeline:
         batch = sharding.batch_sharding(self.mesh)
         rep = sharding.replicated(self.mesh)
 
-        def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+        def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
             # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
             mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
             image_latents = jax.lax.with_sharding_constraint(mean, batch)
-            keys = jax.vmap(jax.random.key)(seeds)
-            start_keys, step_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-            if init_noise is None:
-                init_noise = jax.vmap(lambda k: jax.random.normal(k, image_latents.shape[1:], jnp.float32))(
-                    start_keys)
-            init_noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
+            noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
 
-            def model_fn(x, t, text):
+            def model_fn(x, t, text):   # the 3-way batch: rows [cond, image-only, uncond] per example
                 return unet.apply({"params": params["unet"]}, x, t, text)
 
             eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
-            latents = samplers.sample(eps_fn, init_noise, plan, step_keys)
+            latents = sample_any(eps_fn, noise, plan, kind, _step_keys(seeds))
             decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
             return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-        donate = () if jax.default_backend() == "cpu" else (2, 6)   # pixels and noise buffers
-        return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
+        # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
+        donate = () if jax.default_backend() == "cpu" else (3,)
+        return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
                        out_shardings=batch, donate_argnums=donate)
+
+    def initial_noise(self, seeds: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+        """Standard normal starting noise (B, *shape) from per-output seeds (batch-sharded)."""
+        if self._noise_jit is None:
+            self._noise_jit = jax.jit(_start_noise, static_argnums=1, out_shardings=sharding.batch_sharding(self.mesh))
+        return self._noise_jit(sharding.to_global(seeds, sharding.batch_sharding(self.mesh)), tuple(shape))
 
     def plan(self, sampler: str, steps: int, schedule: str | None = None) -> samplers.Plan:
         """The sampler plan (schedule arrays) for this model's training betas. Only the betas come
@@ -254,9 +257,8 @@ class EditPipeline:
             groups: dict[tuple[int, int], list[_Job]] = {}
             for j in work:
                 groups.setdefault(j.image.size, []).append(j)
-            per_call = batch_size or PER_DEVICE_BATCH * self.num_devices
             for group in groups.values():
-                size = sharding.padded_size(min(per_call, len(group)), self.num_devices)
+                size = self._call_size(len(group), batch_size)
                 for start in range(0, len(group), size):
                     chunk = group[start:start + size]
                     for out in self._run_chunk(plan, chunk, size, emb, row, null, noise):
@@ -265,17 +267,31 @@ class EditPipeline:
         finally:
             bar and bar.close()
 
+    def _call_size(self, n: int, batch_size: int | None) -> int:
+        """Rows per compiled call: batch_size (fixed, so every call reuses one compiled function),
+        or by default the next power of two >= n up to PER_DEVICE_BATCH per device; always a
+        multiple of the device count."""
+        if batch_size is not None:
+            return sharding.padded_size(batch_size, self.num_devices)
+        cap = PER_DEVICE_BATCH * self.num_devices
+        return sharding.padded_size(min(cap, 1 << max(0, (n - 1).bit_length())), self.num_devices)
+
     def _run_chunk(self, plan, chunk: list, size: int, emb, row, null, noise) -> list:
         batch = sharding.batch_sharding(self.mesh)
         rep = sharding.replicated(self.mesh)
         pad = lambda a: sharding.to_global(sharding.pad_rows(np.asarray(a), size), batch)  # noqa: E731
         pixels = pad(np.stack([imlib.to_model_array(j.image) for j in chunk]))
         cond = pad(emb[[row[j.instruction] for j in chunk]])
-        seeds = pad(np.array([j.seed for j in chunk], np.uint32))
+        seed_rows = sharding.pad_rows(np.array([j.seed for j in chunk], np.uint32), size)
         ts = pad(np.array([j.text_scale for j in chunk], np.float32))
         iscale = pad(np.array([j.image_scale for j in chunk], np.float32))
-        init = None if noise is None else pad(noise[[j.index for j in chunk]])
-        out = self._edit_jit(self.params, plan, pixels, cond, sharding.to_global(null, rep), seeds, init, ts, iscale)
+        w, h = chunk[0].image.size
+        f = self.vae_scale
+        init = (self.initial_noise(seed_rows, (h // f, w // f, self.vae_config.latent_channels)) if noise is None
+                else pad(noise[[j.index for j in chunk]]))
+        generic, kind = _generic_plan(plan)
+        out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
+                             sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         arrays = sharding.to_host(out)[:len(chunk)]
         return [EditOutput(imlib.from_unit_array(a), a, j.settings) for j, a in zip(chunk, arrays)]
 
@@ -374,6 +390,43 @@ class EditPipeline:
         for jb in jobs:
             jb.settings["latents"] = "given"
         return lat
+
+
+# ---------------------------------------------------------------------- sampling with any sampler
+
+def _keys(seeds):
+    """Per-output (start, step) PRNG keys from uint32 seeds (B,)."""
+    return jax.vmap(lambda s: tuple(jax.random.split(jax.random.key(s))))(seeds)
+
+
+def _step_keys(seeds):
+    return _keys(seeds)[1]
+
+
+def _start_noise(seeds, shape):
+    start, _ = _keys(seeds)
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(start)
+
+
+def _generic_plan(plan: samplers.Plan) -> tuple[samplers.Plan, np.ndarray]:
+    """The plan with its (static) sampler name replaced by a traced index, so one compiled edit
+    serves every sampler of the same step count."""
+    return plan.replace(sampler=samplers.SAMPLERS[0]), np.int32(samplers.SAMPLERS.index(plan.sampler))
+
+
+def sample_any(eps_fn, noise, plan: samplers.Plan, kind, step_keys):
+    """ip2p_jax.diffusion.samplers.sample with the sampler chosen at run time by `kind` (an index
+    into SAMPLERS): the loop calls the same `samplers.step` through lax.switch."""
+    shape = noise.shape[1:]
+
+    def body(i, state):
+        eps = eps_fn(samplers.model_input(plan, state, i), plan.timesteps[i])
+        z = samplers.step_noise(step_keys, i, shape)
+        branches = [lambda st, e, z, name=name: samplers.step(plan.replace(sampler=name), st, i, e, z)
+                    for name in samplers.SAMPLERS]
+        return jax.lax.switch(kind, branches, state, eps, z)
+
+    return jax.lax.fori_loop(0, plan.steps, body, samplers.init_state(plan, noise)).x
 
 
 def _per_item(value, n: int, name: str) -> list[float]:

@@ -144,9 +144,12 @@ def main(argv=None) -> int:
             for _ in range(args.steps):
                 next(pipe)
             dt = time.perf_counter() - t
+        n = args.steps * args.batch
+        cpu = time.process_time() - c
         print(f"pipeline, {workers} worker processes x {args.threads} threads, batch {args.batch}: "
-              f"{args.steps * args.batch / dt:.0f} examples/s (wall; main process CPU "
-              f"{(time.process_time() - c) / dt * 100:.0f}%)")
+              f"{n / dt:.0f} examples/s wall-clock; this process's CPU {cpu / n * 1e3:.1f} ms/example"
+              + (" (all the work: compare with the per-example sum above)" if workers == 0 else
+                 " (the workers' CPU not counted)"))
     return 0
 
 

@@ -125,3 +125,10 @@ def read_split(builder, split: str) -> list[dict]:
         ex = ds[i]
         out.append({k: (v.decode() if k not in ("input_image", "edited_image") else v) for k, v in ex.items()})
     return out
+
+
+def fast_tokenizer_file(tok, path) -> str:
+    """The tokenizer as FastTokenizer arguments in a JSON file (subprocesses skip transformers)."""
+    with open(path, "w") as f:
+        json.dump([tok.backend_tokenizer.to_str(), tok.pad_token_id, tok.eos_token_id], f)
+    return str(path)

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
 
 import data_helpers as dh
@@ -171,6 +170,19 @@ def test_empty_sources_fail_clearly(tmp_path):
     with pytest.raises(B.BuildError, match="every pair was rejected"):
         B.build_dataset("jsonl", str(tmp_path / "bad.jsonl"), str(tmp_path / "d"), progress=False)
     assert os.listdir(tmp_path / "d") == []
+
+
+def test_split_left_empty_by_rejections_is_dropped(tmp_path):
+    expected = dh.write_jsonl(str(tmp_path / "src"), n=40)
+    test_items = [k for k, v in expected.items() if S.split_of(v["prompt_id"]) == "test"]
+    assert test_items
+    for k in test_items:
+        os.remove(tmp_path / "src" / expected[k]["prompt_id"])
+    report = B.build_dataset("jsonl", str(tmp_path / "src"), str(tmp_path / "d"), progress=False)
+    assert "test" not in report.examples and report.rejected == len(test_items)
+    builder = B.open_dataset(report.path)
+    assert set(builder.info.splits) == {"train", "validation"}
+    assert not os.path.exists(B.prompt_hash_file(report.path, "test"))
 
 
 def test_many_shards_keep_order(tmp_path, monkeypatch):

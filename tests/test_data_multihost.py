@@ -63,8 +63,7 @@ def test_two_processes(tmp_path):
     report = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "d"), progress=False)
     n_train = report.examples["train"]
     assert n_train % 8 == 0  # so one epoch is whole global batches
-    from test_data_pipeline import fast_tokenizer_file
-    tok = fast_tokenizer_file(tiny.tokenizer(str(tmp_path / "tok")), tmp_path / "tok.json")
+    tok = dh.fast_tokenizer_file(tiny.tokenizer(str(tmp_path / "tok")), tmp_path / "tok.json")
     script = tmp_path / "host.py"
     script.write_text(HOST_SCRIPT)
     port = _free_port()

@@ -74,6 +74,23 @@ def test_resume_from_saved_state(data):
         _pipe(data, seed=5).set_state(state)
 
 
+def test_state_in_orbax_checkpoint(data, tmp_path):
+    """The training loop's way: the state as a JSON item of an orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    run = _pipe(data)
+    _take(run, 2)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(2, args=ocp.args.Composite(data=ocp.args.JsonSave(run.get_state())))
+        mngr.wait_until_finished()
+    want = _take(run, 2)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    resumed = _pipe(data)
+    resumed.set_state(restored["data"])
+    assert all(_same(x, y) for x, y in zip(want, _take(resumed, 2)))
+
+
 def test_epochs_cover_split_in_new_orders(data):
     builder, _ = data
     n = builder.info.splits["train"].num_examples
@@ -170,13 +187,6 @@ if __name__ == "__main__":
 """
 
 
-def fast_tokenizer_file(tok, path) -> str:
-    """The tokenizer as FastTokenizer arguments in a JSON file (subprocesses skip transformers)."""
-    with open(path, "w") as f:
-        json.dump([tok.backend_tokenizer.to_str(), tok.pad_token_id, tok.eos_token_id], f)
-    return str(path)
-
-
 def test_worker_processes_give_the_same_batches(data, tmp_path):
     import subprocess
     import sys
@@ -184,7 +194,7 @@ def test_worker_processes_give_the_same_batches(data, tmp_path):
     builder, tok = data
     script = tmp_path / "workers.py"
     script.write_text(WORKER_SCRIPT.format(data=str(builder.data_dir),
-                                           tok=fast_tokenizer_file(tok, tmp_path / "tok.json")))
+                                           tok=dh.fast_tokenizer_file(tok, tmp_path / "tok.json")))
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env)

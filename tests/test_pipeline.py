@@ -57,7 +57,7 @@ def test_parity_with_diffusers(pipe, model_dir, sampler):
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    steps = 4
+    steps = fx.STEPS   # DPM++ 2M: first order, second order, first order (to sigma 0)
     image = fx.sample_images(1)[0]
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((1, fx.H // pipe.vae_scale, fx.W // pipe.vae_scale, 4)).astype(np.float32)
@@ -70,7 +70,7 @@ def test_parity_with_diffusers(pipe, model_dir, sampler):
                    image_guidance_scale=1.5, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
                    output_type="np").images[0]
     got = pipe.edit(image, fx.INSTRUCTION, steps=steps, sampler=sampler, schedule="diffusers", latents=noise,
-                    text_scale=7.5, image_scale=1.5, resize="keep", progress=False)
+                    text_scale=7.5, image_scale=1.5, resize="keep", batch_size=fx.BATCH, progress=False)
     assert got.arrays[0].shape == want.shape == (fx.H, fx.W, 3)
     mx, mean = fx.max_mean_abs(got.arrays[0], want)
     assert mx < 1e-2 and mean < 1e-3, (sampler, mx, mean)

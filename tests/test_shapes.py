@@ -191,25 +191,28 @@ def test_written_layout_is_the_authors_and_resumes(tmp_path, prompts):
     assert (stats.written, stats.skipped, stats.pairs) == (2, 10, 24)
     with pytest.raises(SceneError, match="different prompt"):
         write_pairs(prompts[20:21], out, samples_per_prompt=2, progress=False)
+    bad = dict(prompts[0], output="a large red dog on a white background")
+    with pytest.raises(SceneError, match=r"prompt 1 \('.*'\): not a shapes-world caption: 'a large red dog"):
+        write_pairs([prompts[0], bad], tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_crash_leaves_no_half_written_dir(tmp_path, prompts, monkeypatch):
     out = tmp_path / "pairs"
     real = pairs_mod.make_example
-    calls = {"n": 0}
+    seeds_done = []
 
     def flaky(prompt, seed, resolution=64):
-        calls["n"] += 1
-        if calls["n"] == 8:  # dies in prompt 3, after its first pair's images were written
-            raise KeyboardInterrupt
+        if prompt is prompts[3] and seed != 0:  # seed 0: the up-front check of every line
+            seeds_done.append(seed)
+            if len(seeds_done) == 2:  # dies in prompt 3, after its first pair's images were written
+                raise KeyboardInterrupt
         return real(prompt, seed, resolution)
 
     monkeypatch.setattr(pairs_mod, "make_example", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_pairs(prompts[:6], out, samples_per_prompt=2, progress=False)
-    finished = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert finished == ["0000000", "0000001", "0000002"]
-    assert list((out / ".partial").iterdir())           # the half-written dir lies outside
+    assert sorted(p.name for p in out.iterdir()) == ["0000000", "0000001", "0000002"]  # nothing half-written
     monkeypatch.setattr(pairs_mod, "make_example", real)
     stats = write_pairs(prompts[:6], out, samples_per_prompt=2, progress=False)
     assert (stats.written, stats.skipped) == (3, 3) and not (out / ".partial").exists()

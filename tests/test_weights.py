@@ -278,6 +278,37 @@ def test_single_file_that_does_not_fit_sd15(ip2p_dir, components, tmp_path):
     assert path in msg and "mis-shaped" in msg and "Stable Diffusion 1.5" in msg and "--config" in msg
 
 
+# Names in Stable Diffusion 1.5 / InstructPix2Pix checkpoints (4 levels, 2 resnets per level).
+SD15_NAMES = [
+    "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.input_blocks.3.0.op.weight",
+    "model.diffusion_model.input_blocks.11.0.in_layers.0.weight",
+    "model.diffusion_model.input_blocks.8.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "model.diffusion_model.middle_block.1.proj_out.weight", "model.diffusion_model.middle_block.2.out_layers.3.weight",
+    "model.diffusion_model.output_blocks.2.1.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
+    "model.diffusion_model.output_blocks.8.2.conv.weight", "model.diffusion_model.output_blocks.3.0.skip_connection.weight",
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q.weight",
+    "first_stage_model.encoder.down.3.block.1.norm2.weight", "first_stage_model.encoder.down.2.downsample.conv.weight",
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+    "first_stage_model.decoder.up.3.block.0.conv1.weight", "first_stage_model.decoder.up.0.block.2.conv2.weight",
+    "first_stage_model.decoder.up.1.upsample.conv.weight", "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+]
+
+
+@pytest.mark.slow   # traces the full-size networks for their names
+def test_sd15_original_names():
+    from ip2p_jax.weights.components import SPECS, expected_torch_keys
+    from ip2p_jax.weights.diffusers_folder import config_dict
+    from ip2p_jax.weights.single_file import SD15_UNET, SD15_VAE, original_names
+
+    found = set()
+    for name, cfg in (("unet", dict(SD15_UNET, in_channels=8)), ("vae", SD15_VAE)):
+        config = SPECS[name].config_from_dict(cfg, source=name)
+        keys = expected_torch_keys(SPECS[name].abstract_params(config))
+        found |= set(original_names(name, keys, config_dict(name, config)).values())
+    assert set(SD15_NAMES) <= found, set(SD15_NAMES) - found
+    assert not any(n.startswith("model.diffusion_model.input_blocks.12") for n in found)
+
+
 # ------------------------------------------------------------------ 4 -> 8 input channels
 
 def test_expand_conv_in_keeps_outputs(sd_dir, components):

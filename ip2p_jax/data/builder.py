@@ -76,7 +76,6 @@ class BuildReport:
     rejected_by_kind: dict = dataclasses.field(default_factory=dict)
     rejections: list = dataclasses.field(default_factory=list)  # first MAX_KEPT_REJECTIONS, as text
     seconds: float = 0.0
-    read_seconds: float = 0.0  # the pass over the source (reading + checking), inside `seconds`
 
     @property
     def total(self) -> int:
@@ -91,11 +90,10 @@ class BuildReport:
     def summary(self, max_lines: int = 20) -> str:
         rate = self.total / self.seconds if self.seconds else 0.0
         lines = [f"dataset: {self.path}", f"source: {self.source} ({self.format})"]
-        for split, n in self.examples.items():
+        for split, n in sorted(self.examples.items(), key=lambda kv: src.SPLITS.index(kv[0])):
             lines.append(f"  {split:<10} {n:>9} examples  {self.num_bytes.get(split, 0) / 2**20:10.1f} MiB")
         lines.append(f"  {'total':<10} {self.total:>9} examples  {sum(self.num_bytes.values()) / 2**20:10.1f} MiB")
-        lines.append(f"time: {self.seconds:.1f} s ({rate:.1f} examples/s; reading and checking the source "
-                     f"{self.read_seconds:.1f} s)")
+        lines.append(f"time: {self.seconds:.1f} s ({rate:.1f} examples/s)")
         lines.append(f"rejected: {self.rejected}")
         for kind, n in sorted(self.rejected_by_kind.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {n:>7}  {kind}")
@@ -164,7 +162,6 @@ class _SplitRouter:
         def load(x):
             return x if isinstance(x, src.Rejection) else _load(x)
 
-        start = time.perf_counter()
         bar = tqdm(total=self.planned, desc=f"reading {self.source.format} source", unit=" pairs",
                    disable=not self.progress, mininterval=1.0, smoothing=0.05)
         try:
@@ -180,7 +177,6 @@ class _SplitRouter:
                 yield out
         finally:
             bar.close()
-            self.report.read_seconds += time.perf_counter() - start
 
     def examples(self, split: str) -> Iterator[dict]:
         if self.spools is not None:
@@ -234,10 +230,14 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(s) for s in order}
 
     def _generate_splits(self, dl_manager, download_config):
-        return [self._write_split(split, examples)
-                for split, examples in self._split_generators(dl_manager).items()]
+        infos = [self._write_split(split, examples) for split, examples in self._split_generators(dl_manager).items()]
+        infos = [info for info in infos if info is not None]  # a split whose every pair was rejected
+        if not infos:
+            raise BuildError(f"{self._source.root}: every pair was rejected ({self._report.rejected}); "
+                             "see the reasons above")
+        return infos
 
-    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
+    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo | None:
         """Stream `examples` into array_record shards of about SHARD_BYTES, in order."""
         from array_record.python import array_record_module
         from tensorflow_datasets.core import example_serializer
@@ -262,6 +262,10 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
                 writer, shard_bytes = None, 0
         if writer is not None:
             writer.close()
+        if not shards:
+            os.remove(prompt_hash_file(self.data_dir, split))
+            log.warning("split %s: every pair was rejected; the dataset has no %s split", split, split)
+            return None
         for i, (path, _) in enumerate(shards):
             os.replace(path, os.fspath(template.sharded_filepath(shard_index=i, num_shards=len(shards))))
         return tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n in shards], num_bytes=total_bytes,
@@ -275,10 +279,8 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
                 hashes.write(struct.pack("<Q", src.prompt_hash(ex["prompt_id"])))
                 yield n, ex
                 n += 1
-        self._report.examples[split] = n
-        if n == 0:
-            raise BuildError(f"split {split!r}: every pair was rejected ({self._report.rejected} rejected in all); "
-                             "see the reasons above")
+        if n:
+            self._report.examples[split] = n
 
 
 # ---------------------------------------------------------------- entry points

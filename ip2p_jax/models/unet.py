@@ -136,10 +136,10 @@ class UNetConfig:
         return Stage(self.block_out_channels[-1], 1, True, heads[-1], tlayers[-1], False)
 
     def up_stages(self) -> list[Stage]:
-        rev = lambda v: tuple(reversed(self._per_block(v)))  # noqa: E731
-        layers, heads, tlayers = rev(self.layers_per_block), tuple(reversed(self._heads())), \
-            rev(self.transformer_layers_per_block)
-        chans, n = tuple(reversed(self.block_out_channels)), len(self.up_block_types)
+        rev = lambda values: tuple(reversed(values))  # noqa: E731
+        layers, heads = rev(self._per_block(self.layers_per_block)), rev(self._heads())
+        tlayers, chans = rev(self._per_block(self.transformer_layers_per_block)), rev(self.block_out_channels)
+        n = len(self.up_block_types)
         return [Stage(chans[i], layers[i] + 1, UP_BLOCKS[t], heads[i], tlayers[i], i < n - 1)
                 for i, t in enumerate(self.up_block_types)]
 

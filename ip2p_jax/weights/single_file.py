@@ -291,23 +291,30 @@ def inverse_names(keys: list[str], guess: Callable[[str], str], convert: Callabl
     return table
 
 
+def original_names(name: str, keys: list[str], config: Mapping) -> dict[str, str]:
+    """{diffusers / transformers name: original single-file name} for network `name` with the
+    reference config dict `config`."""
+    if name == "text_encoder":
+        return {k: TEXT_PREFIX + k for k in keys}
+    sfu = _converters("single-file export")
+    if name == "unet":
+        return inverse_names(keys, _unet_ldm_guess(config), lambda p: sfu.convert_ldm_unet_checkpoint(p, config),
+                             UNET_PREFIX, "UNet")
+    return inverse_names(keys, _vae_ldm_guess(config), lambda p: sfu.convert_ldm_vae_checkpoint(p, config),
+                         VAE_PREFIX, "VAE")
+
+
 def diffusers_to_ldm(components: Components) -> dict[str, np.ndarray]:
     """Components -> one original-layout state dict (numpy, PyTorch layouts)."""
-    sfu = _converters("single-file export")
-    unet_cfg, vae_cfg = config_dict("unet", components.unet_config), config_dict("vae", components.vae_config)
-    unet = params_to_state(components.unet_params, "unet")
-    vae = params_to_state(components.vae_params, "vae")
-    text = params_to_state(components.text_params, "text_encoder")
     out = {}
-    names = inverse_names(list(unet), _unet_ldm_guess(unet_cfg),
-                          lambda p: sfu.convert_ldm_unet_checkpoint(p, unet_cfg), UNET_PREFIX, "UNet")
-    out.update({names[k]: v for k, v in unet.items()})
-    names = inverse_names(list(vae), _vae_ldm_guess(vae_cfg),
-                          lambda p: sfu.convert_ldm_vae_checkpoint(p, vae_cfg), VAE_PREFIX, "VAE")
-    for k, v in vae.items():  # the original VAE attention projections are 1x1 convs
-        is_attn_proj = re.search(r"\.attn_\d+\.(q|k|v|proj_out)\.weight$", names[k]) is not None
-        out[names[k]] = v[:, :, None, None] if is_attn_proj and v.ndim == 2 else v
-    out.update({TEXT_PREFIX + k: v for k, v in text.items()})
+    for name, config in components.configs().items():
+        state = params_to_state(components.params()[name], name)
+        names = original_names(name, list(state), config_dict(name, config))
+        for k, v in state.items():
+            # the original VAE attention projections are 1x1 convs
+            if v.ndim == 2 and re.search(r"\.attn_\d+\.(q|k|v|proj_out)\.weight$", names[k]):
+                v = v[:, :, None, None]
+            out[names[k]] = v
     return out
 
 

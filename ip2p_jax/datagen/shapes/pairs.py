@@ -24,7 +24,7 @@ import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -163,24 +163,25 @@ def write_prompt_dir(out: Path, index: int, prompt: dict, seeds: list[int],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    meta = []
-    for seed in seeds:
-        ex = make_example(prompt, seed, resolution)
-        for k, img in enumerate((ex.input_image(), ex.output_image())):
-            img.save(tmp / f"{seed}_{k}.jpg", quality=quality, subsampling=0)
-        meta.append(json.dumps(ex.metadata()))
-    (tmp / "metadata.jsonl").write_text("\n".join(meta) + "\n")
-    (tmp / "prompt.json").write_text(json.dumps(prompt))
-    os.rename(tmp, final)
+    try:
+        meta = []
+        for seed in seeds:
+            ex = make_example(prompt, seed, resolution)
+            for k, img in enumerate((ex.input_image(), ex.output_image())):
+                img.save(tmp / f"{seed}_{k}.jpg", quality=quality, subsampling=0)
+            meta.append(json.dumps(ex.metadata()))
+        (tmp / "metadata.jsonl").write_text("\n".join(meta) + "\n")
+        (tmp / "prompt.json").write_text(json.dumps(prompt))
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return True
 
 
 def _write_job(job):
     out, index, prompt, seeds, resolution, quality = job
-    try:
-        return write_prompt_dir(Path(out), index, prompt, seeds, resolution, quality)
-    except SceneError as e:
-        raise SceneError(f"prompt {index} ({prompt.get('edit')!r}): {e}") from None
+    return write_prompt_dir(Path(out), index, prompt, seeds, resolution, quality)
 
 
 def collect_seeds(out: Path) -> list:
@@ -202,13 +203,18 @@ class WriteStats:
 
 def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed: int = 0,
                 resolution: int = DEFAULT_RESOLUTION, quality: int = JPEG_QUALITY,
-                workers: int = 1, progress: bool = True, limit: Optional[int] = None) -> WriteStats:
-    """Write every prompt's dir (skipping finished ones), then ``seeds.json``.
-    ``limit`` stops after writing that many new dirs (for tests and partial runs)."""
+                workers: int = 1, progress: bool = True) -> WriteStats:
+    """Write every prompt's dir (skipping finished ones), then ``seeds.json``. JPEGs
+    are saved at ``quality`` without chroma subsampling (colour edges stay crisp)."""
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):  # every line is checked before anything is written
+        try:
+            make_example(p, 0, resolution)
+        except SceneError as e:
+            raise SceneError(f"prompt {i} ({p.get('edit')!r}): {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_partial_dirs(out)
-    prompts = list(prompts)
     jobs = [(str(out), i, p, sample_seeds(seed, i, samples_per_prompt), resolution, quality)
             for i, p in enumerate(prompts)]
     written = skipped = 0
@@ -220,16 +226,14 @@ def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed:
             written += new
             skipped += not new
             bar.update()
-            if limit is not None and written >= limit:
-                break
     finally:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
+        try:
+            (out / _PARTIAL).rmdir()  # only if empty (no other writer busy)
+        except OSError:
+            pass
     entries = collect_seeds(out)
     _atomic_write_text(out / "seeds.json", json.dumps(entries))
-    try:
-        (out / _PARTIAL).rmdir()  # only if empty (no other writer busy)
-    except OSError:
-        pass
     return WriteStats(written, skipped, sum(len(s) for _, s in entries))
