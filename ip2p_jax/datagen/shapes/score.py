@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from .pairs import Example
 from .render import coverage, shape_coverage, shape_moments, slot_mask
-from .world import COLORS, EDIT_TYPES, PALETTE, SHAPES, SIZES, Obj
+from .world import COLORS, EDIT_TYPES, HALF_SIZE, PALETTE, SHAPES, SIZES, Obj
 
 PSNR_CAP = 100.0
 MIN_SHAPE_IOU = 0.5
@@ -126,10 +126,9 @@ def classify_shape(mask: np.ndarray) -> tuple[Optional[str], float]:
     return (best if best_iou >= MIN_SHAPE_IOU else None), best_iou
 
 
-def size_class(area: float, shape: str, center, resolution: int) -> Optional[str]:
-    """'small'/'large' by nearest ideal area in log scale; None if implausible."""
-    ideal = {s: float((coverage(Obj(shape, "black", s, tuple(center)), resolution) >= 0.5).sum())
-             for s in SIZES}
+def size_class(area: float, shape: str, resolution: int) -> Optional[str]:
+    """'small'/'large' by nearest ideal area (pixels) in log scale; None if implausible."""
+    ideal = {s: shape_moments(shape)[0] * (HALF_SIZE[s] * resolution) ** 2 for s in SIZES}
     if area < 0.4 * ideal["small"] or area > 2.0 * ideal["large"]:
         return None
     return min(SIZES, key=lambda s: abs(math.log(area / ideal[s])))
@@ -159,11 +158,7 @@ def _find_added(example: Example, img, new: Obj):
     blob = _largest_blob((color_labels(img) == COLORS.index(new.color)) & free)
     if not blob.any():
         return None, None, None, None
-    ys, xs = np.nonzero(blob)
-    center = (((xs.min() + xs.max() + 1) / 2) / res, ((ys.min() + ys.max() + 1) / 2) / res)
-    found_size = size_class(float(blob.sum()), new.shape, center, res)
-    found_shape, _ = classify_shape(blob)
-    return blob, new.color, found_size, found_shape
+    return blob, new.color, size_class(float(blob.sum()), new.shape, res), classify_shape(blob)[0]
 
 
 def score_edit(example: Example, edited_image) -> dict:
@@ -201,7 +196,7 @@ def score_edit(example: Example, edited_image) -> dict:
             mine = np.zeros_like(slot)
             mine[box] = color_labels(img[box]) == COLORS.index(obj.color)
             if edit.type == "resize":
-                expected, found = edit.value, size_class(float(mine.sum()), obj.shape, obj.center, res)
+                expected, found = edit.value, size_class(float(mine.sum()), obj.shape, res)
             else:  # shape
                 expected, found = edit.value, classify_shape(_largest_blob(mine))[0]
 
@@ -260,13 +255,16 @@ def format_table(results: dict[str, dict]) -> str:
     """``results`` maps a method name ("model", "identity") to an ``aggregate`` dict."""
     methods = list(results)
     types = list(next(iter(results.values()))) if results else []
-    head = f"{'edit type':<12}{'n':>5}" + "".join(
-        f"{m + ' success':>18}{m + ' PSNR':>14}" for m in methods)
+    cols = [(f"{m} success", f"{m} preserved", f"{m} PSNR") for m in methods]
+    widths = [tuple(max(len(c), 9) for c in group) for group in cols]
+    head = f"{'edit type':<11}{'n':>5}" + "".join(
+        f"  {a:>{wa}}  {b:>{wb}}  {c:>{wc}}" for (a, b, c), (wa, wb, wc) in zip(cols, widths))
     lines = [head, "-" * len(head)]
     for t in types:
-        row = f"{t:<12}{results[methods[0]][t]['n']:>5}"
-        for m in methods:
+        row = f"{t:<11}{results[methods[0]][t]['n']:>5}"
+        for m, (wa, wb, wc) in zip(methods, widths):
             r = results[m][t]
-            row += f"{100 * r['success']:>17.1f}%{r['psnr_unchanged']:>11.1f} dB"
+            row += (f"  {100 * r['success']:>{wa - 1}.1f}%  {100 * r['preserved']:>{wb - 1}.1f}%"
+                    f"  {r['psnr_unchanged']:>{wc - 3}.1f} dB")
         lines.append(row)
     return "\n".join(lines)
