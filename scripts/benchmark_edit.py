@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Editing throughput of ip2p_jax on the real InstructPix2Pix (SD 1.5) architecture.
+
+Random weights are built by jax.random inside jit directly on the device (no checkpoint,
+no conversion); FLOPs and memory traffic are those of the real model. Prints one JSON object
+per line, comparable with ../shared/bench/peer_diffusers_ip2p.py run in the same call:
+
+  python scripts/benchmark_edit.py [--tiny] [--steps 20] [--batches 1,4,16] [--res 512]
+
+Per batch: end-to-end `EditPipeline.edit` (PIL in, PIL out; warm, median of --repeats),
+images/s, the UNet forward on the 3-way guidance batch (ms), achieved TFLOP/s and peak
+device memory. Imports only jax/flax/numpy/PIL and ip2p_jax modules that need nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# GFLOP measured with torch's FlopCounter on the SD 1.5 architecture at 512^2 (reference doc);
+# scaled by pixel count for other resolutions (attention makes that a slight underestimate).
+UNET_GFLOP_512, VAE_ENCODE_GFLOP_512, VAE_DECODE_GFLOP_512 = 677.0, 1082.0, 2480.0
+
+SD15 = {
+    "unet": dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+    "vae": dict(block_out_channels=[128, 256, 512, 512], latent_channels=4, layers_per_block=2, sample_size=512,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+    "text": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                 pad_token_id=49407, bos_token_id=49406, eos_token_id=49407),
+}
+TINY = {  # the peer script's --tiny shapes
+    "unet": dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+                 cross_attention_dim=32, attention_head_dim=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+    "vae": dict(block_out_channels=[32, 64], latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2),
+    "text": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, pad_token_id=999, bos_token_id=998, eos_token_id=999),
+}
+
+
+class WordTokenizer:
+    """Stand-in for the CLIP tokenizer (weights are random, so token identity is irrelevant):
+    BOS, one stable id per word, EOS, with the interface ip2p_jax.data.tokenize uses."""
+
+    def __init__(self, vocab_size: int, bos: int, eos: int):
+        self.vocab_size, self.bos_token_id, self.eos_token_id, self.pad_token_id = vocab_size, bos, eos, eos
+
+    def __call__(self, texts, padding=False, truncation=False):
+        ids = [[self.bos_token_id] + [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in t.split()]
+               + [self.eos_token_id] for t in texts]
+        return {"input_ids": ids}
+
+
+def random_components(spec: dict, dtype):
+    """Components with random params created on device, inside jit, in `dtype`."""
+    from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+    from ip2p_jax.weights.components import Components
+
+    ucfg, vcfg, tcfg = (UNetConfig.from_dict(spec["unet"]), VAEConfig.from_dict(spec["vae"]),
+                        CLIPTextConfig.from_dict(spec["text"]))
+    n = 2 ** (len(ucfg.block_out_channels) - 1)
+    f = 2 ** (len(vcfg.block_out_channels) - 1)
+    inits = {
+        "unet": lambda k: UNet2DConditionModel(ucfg).init(k, jnp.zeros((1, n, n, ucfg.in_channels)), jnp.zeros((1,)),
+                                                           jnp.zeros((1, 77, ucfg.cross_attention_dim))),
+        "vae": lambda k: AutoencoderKL(vcfg).init(k, jnp.zeros((1, 8 * f, 8 * f, 3))),
+        "text": lambda k: CLIPTextModel(tcfg).init(k, jnp.zeros((1, 77), jnp.int32)),
+    }
+    params = {}
+    for i, (name, init) in enumerate(inits.items()):
+        make = jax.jit(lambda k, init=init: jax.tree.map(lambda a: a.astype(dtype), init(k)["params"]))
+        params[name] = make(jax.random.key(i))
+    tok = WordTokenizer(tcfg.vocab_size, tcfg.bos_token_id, tcfg.eos_token_id)
+    return Components(unet_config=ucfg, unet_params=params["unet"], vae_config=vcfg, vae_params=params["vae"],
+                      text_config=tcfg, text_params=params["text"], tokenizer=tok, scheduler_config={},
+                      source="random")
+
+
+def peak_memory_gib():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2 ** 30, 2)
+
+
+def unet_step_ms(pipe, batch: int, res: int, repeats: int = 10) -> float:
+    """One UNet forward on the 3-way guidance batch (3*batch rows), warm, ms."""
+    c = pipe.unet_config
+    h = res // pipe.vae_scale
+    rep = jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec())
+    x = jnp.zeros((3 * batch, h, h, c.in_channels), pipe.dtype)
+    t = jnp.full((3 * batch,), 500.0, jnp.float32)
+    ctx = jnp.zeros((3 * batch, 77, c.cross_attention_dim), pipe.dtype)
+    fn = jax.jit(lambda p, x, t, ctx: pipe.unet.apply({"params": p}, x, t, ctx), out_shardings=rep)
+    for _ in range(2):
+        fn(pipe.params["unet"], x, t, ctx).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(pipe.params["unet"], x, t, ctx)
+    out.block_until_ready()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model at 64x64 (CPU, seconds)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--sampler", default="euler_a")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on GPU/TPU, fp32 on CPU)")
+    ap.add_argument("--attention", default="auto", help="attention_impl: auto | xla | cudnn")
+    a = ap.parse_args(argv)
+
+    from ip2p_jax.pipeline import EditPipeline, resolve_dtype
+
+    dtype = resolve_dtype(a.dtype)
+    res = 64 if a.tiny else a.res
+    t0 = time.perf_counter()
+    components = random_components(TINY if a.tiny else SD15, dtype)
+    pipe = EditPipeline(components, dtype=dtype, attention_impl=a.attention, source="random")
+    jax.block_until_ready(pipe.params)
+    init_s = time.perf_counter() - t0
+    dev = jax.devices()[0]
+    info = {"impl": "ip2p_jax", "device": getattr(dev, "device_kind", dev.platform), "devices": jax.device_count(),
+            "jax": jax.__version__, "dtype": dtype.name, "attention": a.attention, "steps": a.steps, "res": res,
+            "sampler": a.sampler, "tiny": a.tiny}
+    print(json.dumps({**info, "params_init_s": round(init_s, 2)}), flush=True)
+    scale = (res / 512) ** 2
+    per_image_gflop = scale * (3 * a.steps * UNET_GFLOP_512 + VAE_ENCODE_GFLOP_512 + VAE_DECODE_GFLOP_512)
+    rng = np.random.default_rng(0)
+    for b in [int(x) for x in a.batches.split(",") if x]:
+        images = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(b)]
+        kw = dict(steps=a.steps, sampler=a.sampler, seed=0, resize="keep", batch_size=b, progress=False)
+        t0 = time.perf_counter()
+        pipe.edit(images, "make it winter", **kw)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            out = pipe.edit(images, "make it winter", **kw)
+            times.append(time.perf_counter() - t0)
+        assert len(out.images) == b
+        med = sorted(times)[len(times) // 2]
+        unet_ms = unet_step_ms(pipe, b, res)
+        print(json.dumps({**info, "batch": b, "first_call_s": round(first, 3), "median_s": round(med, 4),
+                          "images_per_s": round(b / med, 3), "unet_step_ms_cfg3x": round(unet_ms, 2),
+                          "unet_tflops": round(3 * b * scale * UNET_GFLOP_512 / unet_ms, 1),
+                          "edit_tflops": round(b * per_image_gflop / med / 1e3, 1),
+                          "peak_mem_gib": peak_memory_gib()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
