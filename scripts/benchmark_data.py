@@ -108,9 +108,12 @@ def main(argv=None) -> int:
     work = args.dir or tempfile.mkdtemp(prefix="bench_data_")
     print(f"cores: {os.cpu_count()}  work dir: {work}")
     t = time.perf_counter()
-    make_source(os.path.join(work, "src"), args.pairs, args.source_size, args.quality)
-    print(f"source: {args.pairs} pairs of {args.source_size}² JPEG q{args.quality} "
-          f"({time.perf_counter() - t:.1f} s to make)")
+    if os.path.exists(os.path.join(work, "src", "seeds.json")):
+        print(f"source: reusing {os.path.join(work, 'src')}")
+    else:
+        make_source(os.path.join(work, "src"), args.pairs, args.source_size, args.quality)
+        print(f"source: {args.pairs} pairs of {args.source_size}² JPEG q{args.quality} "
+              f"({time.perf_counter() - t:.1f} s to make)")
 
     report = build_dataset("authors", os.path.join(work, "src"), os.path.join(work, "data"), "bench",
                            overwrite=True, progress=False)
