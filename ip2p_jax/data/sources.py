@@ -87,6 +87,8 @@ def check_image(data: bytes) -> str:
             im.load()
     except Reject:
         raise
+    except Image.UnidentifiedImageError:
+        raise Reject("corrupt image", "not an image file PIL can identify") from None
     except Exception as e:
         raise Reject("corrupt image", f"{type(e).__name__}: {e}") from None
     return fmt
@@ -109,7 +111,8 @@ def read_image(ref: bytes | str, what: str) -> bytes:
     try:
         check_image(data)
     except Reject as e:
-        raise Reject(e.kind, f"{what}: {e.detail}") from None
+        where = f"{what} {ref}" if isinstance(ref, str) else what
+        raise Reject(e.kind, f"{where}: {e.detail}") from None
     return data
 
 
