@@ -7,7 +7,8 @@
 This is the one place that knows the 3-way guidance batch: the whole edit (VAE encode of the
 input's posterior mode, every sampler step over [cond, image-only, uncond] rows, VAE decode) is
 one jitted function over a ('data',) device mesh: the batch axis is sharded, params replicated.
-Each output's noise comes from its own seed, so results do not depend on the device count or
+Each output's noise comes from its own seed (starting noise: numpy PCG64(seed); ancestral noise
+at step i: threefry fold_in(key(seed), i)), so results depend neither on the device count nor
 on the rest of the batch.
 """
 from __future__ import annotations
@@ -130,7 +131,6 @@ class EditPipeline:
         self.params = sharding.replicate(
             {"unet": cast(c.unet_params), "vae": cast(c.vae_params), "text": cast(c.text_params)}, self.mesh)
         self._edit_jit = self._build_edit()
-        self._noise_jit = None
         self._text_jit = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids),
                                  out_shardings=sharding.replicated(self.mesh))
 
@@ -188,11 +188,10 @@ class EditPipeline:
         return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
                        out_shardings=batch, donate_argnums=donate)
 
-    def initial_noise(self, seeds: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
-        """Standard normal starting noise (B, *shape) from per-output seeds (batch-sharded)."""
-        if self._noise_jit is None:
-            self._noise_jit = jax.jit(_start_noise, static_argnums=1, out_shardings=sharding.batch_sharding(self.mesh))
-        return self._noise_jit(sharding.to_global(seeds, sharding.batch_sharding(self.mesh)), tuple(shape))
+    @staticmethod
+    def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+        """An output's standard normal starting noise, from its seed alone (host numpy, PCG64)."""
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def plan(self, sampler: str, steps: int, schedule: str | None = None) -> samplers.Plan:
         """The sampler plan (schedule arrays) for this model's training betas. Only the betas come
@@ -287,8 +286,9 @@ class EditPipeline:
         iscale = pad(np.array([j.image_scale for j in chunk], np.float32))
         w, h = chunk[0].image.size
         f = self.vae_scale
-        init = (self.initial_noise(seed_rows, (h // f, w // f, self.vae_config.latent_channels)) if noise is None
-                else pad(noise[[j.index for j in chunk]]))
+        shape = (h // f, w // f, self.vae_config.latent_channels)
+        init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
+                   else noise[[j.index for j in chunk]])
         generic, kind = _generic_plan(plan)
         out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
@@ -394,18 +394,9 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- sampling with any sampler
 
-def _keys(seeds):
-    """Per-output (start, step) PRNG keys from uint32 seeds (B,)."""
-    return jax.vmap(lambda s: tuple(jax.random.split(jax.random.key(s))))(seeds)
-
-
 def _step_keys(seeds):
-    return _keys(seeds)[1]
-
-
-def _start_noise(seeds, shape):
-    start, _ = _keys(seeds)
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(start)
+    """Per-output PRNG keys for the ancestral noise, from uint32 seeds (B,) (threefry)."""
+    return jax.vmap(jax.random.key)(seeds)
 
 
 def _generic_plan(plan: samplers.Plan) -> tuple[samplers.Plan, np.ndarray]:

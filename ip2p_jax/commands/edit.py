@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: random (written to each sidecar)")
     p.add_argument("--sampler", default="euler_a", help="euler_a (default), euler, ddim, dpmpp_2m")
     p.add_argument("--schedule", default=None,
-                   help="sigma/timestep schedule (default: the sampler's; e.g. 'authors', 'diffusers', 'karras')")
+                   help="kdiffusion (the authors'; default for euler/euler_a), diffusers, karras; ddim: diffusers only")
     p.add_argument("--resolution", type=int, default=512, help="long side for --resize authors")
     p.add_argument("--resize", choices=images.RESIZE_MODES, default="authors",
                    help="authors: long side ~resolution, multiples of 64; keep: input size (floored to x8)")
@@ -130,8 +130,6 @@ def run(args) -> int:
         _warn(f"nothing to edit: none of the {len(paths)} input(s) could be read")
         return 1
 
-    import jax
-
     from ip2p_jax import sharding
     from ip2p_jax.pipeline import EditPipeline
 
@@ -147,7 +145,6 @@ def run(args) -> int:
     if failed:
         summary += f"; {len(failed)} of {total_in} input(s) skipped: {', '.join(failed)}"
     _warn(summary) if failed else print(summary)
-    del jax
     return 0 if n_written else 1
 
 

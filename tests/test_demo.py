@@ -1,0 +1,156 @@
+"""The demo model: the shipped folder, `make demo`'s code path, the tokenizer, and a few training
+steps of the demo pipeline (VAE -> TFDS shapes pairs encoded -> UNet + text encoder -> folder)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ip2p_jax import demo
+from ip2p_jax.datagen import demo_model as dm
+
+TINY = {
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8], layers_per_block=1,
+                down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                norm_num_groups=4, sample_size=64, mid_block_add_attention=False, scaling_factor=0.18215),
+    "text_encoder": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         projection_dim=16),
+    "unet": dict(sample_size=16, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=[16, 16],
+                 norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+}
+
+
+def _folder_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- shipped model + demo
+
+
+def test_shipped_model_is_a_small_diffusers_folder():
+    path = demo.demo_model_path()
+    assert os.path.samefile(path, demo.DEMO_MODEL_DIR) or os.environ.get(demo.DEMO_MODEL_ENV)
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(path, sub)), sub
+    assert _folder_mb(path) <= 25.0
+    with open(os.path.join(path, "unet", "config.json")) as f:
+        assert json.load(f)["in_channels"] == 8
+
+
+def test_demo_edits_an_example(tmp_path):
+    """make demo's code path (run_demo) on one example image and one instruction, 2 steps."""
+    from PIL import Image
+
+    items = demo.read_examples()
+    ex = tmp_path / "examples"
+    ex.mkdir()
+    Image.open(items[0]["image"]).save(ex / "in.png")
+    (ex / demo.EXAMPLES_FILE).write_text(json.dumps([{"image": "in.png", "instructions": [items[0]["instructions"][0]]}]))
+    res = demo.run_demo(str(tmp_path / "out"), examples=str(ex), steps=2, progress=False)
+    assert len(res["images"]) == 1
+    out = Image.open(res["images"][0])
+    assert out.size == (64, 64)
+    grid = Image.open(res["grid"])
+    assert grid.size == (2 * demo.CELL, demo.CELL + demo.LABEL_HEIGHT)
+
+
+def test_missing_demo_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo.DEMO_MODEL_ENV, str(tmp_path))
+    with pytest.raises(demo.DemoError, match="no demo model"):
+        demo.demo_model_path()
+    assert demo.main(["--out", str(tmp_path / "o")]) == 2
+
+
+def test_examples_are_shapes_world_scenes_with_valid_instructions():
+    from ip2p_jax.datagen.shapes import parse_caption, parse_instruction
+
+    items = demo.read_examples()
+    assert len(items) >= 3
+    for it in items:
+        scene = parse_caption(it["caption"])
+        for ins in it["instructions"]:
+            parse_instruction(scene, ins)   # raises unless it names exactly one edit of the scene
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_shapes_tokenizer_round_trips_in_hf_format(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from ip2p_jax.data.tokenize import load_tokenizer, tokenize
+    from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer, shapes_words
+
+    build_tokenizer(str(tmp_path / "tokenizer"))
+    ours, ref = load_tokenizer(str(tmp_path)), CLIPTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    for w in shapes_words():
+        assert len(ref(w, add_special_tokens=False)["input_ids"]) == 1, w
+    text = "Turn the small RED circle into a star, please!"
+    ids = tokenize(ours, [text])[0]
+    assert list(ids[:len(ref(text)["input_ids"])]) == ref(text)["input_ids"]
+    assert ref.decode(ref(text)["input_ids"], skip_special_tokens=True) == "turn the small red circle into a star , please !"
+    assert ids[0] == ref.bos_token_id and ids[-1] == ref.pad_token_id == ref.eos_token_id
+
+
+def test_shipped_tokenizer_matches_the_builder(tmp_path):
+    from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer
+
+    built = build_tokenizer(str(tmp_path / "tok"))
+    with open(os.path.join(demo.demo_model_path(), "tokenizer", "vocab.json")) as f:
+        assert json.load(f) == built.get_vocab()
+
+
+# ----------------------------------------------------------------------------- training path
+
+
+@pytest.fixture(scope="module")
+def shapes_tfds(tmp_path_factory):
+    """A tiny TFDS shapes dataset built by the project's own scripts' library calls."""
+    from ip2p_jax.data.builder import build_dataset
+    from ip2p_jax.datagen.shapes import generate_prompts, write_pairs
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_pairs(list(generate_prompts(40, seed=3)), root / "pairs", progress=False)
+    build_dataset("authors", str(root / "pairs"), str(root / "tfds"), "shapes", progress=False)
+    return str(root / "tfds")
+
+
+def test_demo_training_pipeline_runs_and_resumes(tmp_path, shapes_tfds):
+    """VAE (2 steps) -> encode the shapes TFDS -> editor (2 steps, then resumed to 3) -> folder that
+    EditPipeline loads and edits with."""
+    from ip2p_jax.pipeline import EditPipeline
+
+    work = str(tmp_path / "run")
+    base = dm.train_vae(work, steps=2, batch_size=4, progress=False, crop=32, configs=TINY)
+    assert base["vae_metrics"]["steps"] == 2 and np.isfinite(base["vae_metrics"]["psnr_db"])
+    shapes = dm.encode_pairs(work, shapes_tfds, "shapes", progress=False)
+    n = shapes["input_ids"][0]
+    assert n > 20 and shapes["input_moments"] == (n, 16, 16, 8) and shapes["input_ids"] == (n, 77)
+
+    cfg = dm.EditorTrainConfig(steps=2, batch_size=4, checkpoint_every=1, log_every=1, warmup_steps=0)
+    state = dm.train_editor(work, cfg, progress=False)
+    assert int(state.step) == 2 and int(state.updates) == 2
+    first = np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]).copy()
+    state = dm.train_editor(work, dm.EditorTrainConfig(**{**cfg.__dict__, "steps": 3}), progress=False)
+    assert int(state.step) == 3   # resumed: one more step
+    assert not np.allclose(first, np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]))
+
+    out = dm.assemble(work, str(tmp_path / "model"))
+    pipe = EditPipeline.from_pretrained(out)
+    img = np.zeros((64, 64, 3), np.uint8)
+    res = pipe.edit(img, "make the circle red", steps=1, seed=0, resize="keep", progress=False)
+    assert res.images[0].size == (64, 64)
+
+
+def test_pair_batches_depend_only_on_seed_and_step():
+    pairs = {"input_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),
+             "edited_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),
+             "input_ids": np.arange(10 * 77, dtype=np.int32).reshape(10, 77)}
+    a, b = dm.pair_batch(pairs, 5, 4, 0), dm.pair_batch(pairs, 5, 4, 0)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["input_ids"], dm.pair_batch(pairs, 6, 4, 0)["input_ids"])
+    assert list(a["example_id"]) == [20, 21, 22, 23]

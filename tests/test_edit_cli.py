@@ -1,0 +1,104 @@
+"""`ip2p edit` on a folder of real-world inputs (made here), grids, and its exit-status rule:
+0 when at least one result was written, 1 when nothing could be edited, 2 for usage errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edit_fixtures as fx
+import tiny
+from ip2p_jax import cli
+from ip2p_jax.commands import edit as edit_cmd
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return fx.tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return fx.compilation_cache_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Mixed inputs that all come out 48x32 (the shape the other edit tests compile for)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rgb = tiny.random_image(fx.H, fx.W, seed=1)
+    rgba = np.concatenate([rgb, np.full((fx.H, fx.W, 1), 128, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(d / "a_rgba.png")
+    Image.fromarray(rgb[..., 0], "L").save(d / "b_gray.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(d / "c_16bit.png")
+    with open(d / "d_broken.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6   # stored 32 wide x 48 high, displayed rotated to 48 x 32
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))).save(d / "e_rotated.jpg", exif=exif.tobytes())
+    return d
+
+
+def _args(model_dir, cache_dir, images, out, *extra):
+    return ["edit", "--model", model_dir, "--image", *images, "--instruction", fx.INSTRUCTION, "--out", str(out),
+            "--steps", str(fx.STEPS), "--resize", "keep", "--batch-size", str(fx.BATCH), "--quiet",
+            "--compilation-cache", cache_dir, *extra]
+
+
+def test_folder_of_mixed_inputs(model_dir, cache_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(_args(model_dir, cache_dir, [str(inputs)], out, "--seed", "11"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "d_broken.png" in err and "skipping" in err and "1 of 5 input(s) skipped" in err
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert len(pngs) == 4 and not any("broken" in p for p in pngs)
+    assert not any(p.endswith(".part") for p in os.listdir(out))
+    sidecars = [json.load(open(out / (p[:-4] + ".json"))) for p in pngs]
+    assert [s["seed"] for s in sidecars] == [11, 12, 13, 14]       # readable inputs, in name order
+    for p, s in zip(pngs, sidecars):
+        assert Image.open(out / p).size == (fx.W, fx.H)
+        assert s["instruction"] == fx.INSTRUCTION and s["steps"] == fx.STEPS and s["model"] == model_dir
+        assert os.path.basename(s["input"]) in {"a_rgba.png", "b_gray.png", "c_16bit.png", "e_rotated.jpg"}
+    assert sidecars[3]["input_size"] == [fx.W, fx.H]   # EXIF rotation applied
+
+    # the sidecar's seed reproduces a result on its own, without overwriting anything
+    rotated = sidecars[3]
+    code = cli.main(_args(model_dir, cache_dir, [rotated["input"]], out, "--seed", str(rotated["seed"])))
+    assert code == 0
+    again = [p for p in os.listdir(out) if p.startswith(pngs[3][:-4]) and p != pngs[3] and p.endswith(".png")]
+    assert len(again) == 1
+    np.testing.assert_array_equal(np.asarray(Image.open(out / again[0])), np.asarray(Image.open(out / pngs[3])))
+
+
+def test_grid(model_dir, cache_dir, inputs, tmp_path):
+    out = tmp_path / "grid"
+    code = cli.main(_args(model_dir, cache_dir, [str(inputs / "a_rgba.png")], out, "--seed", "5", "--grid",
+                          "--text-scales", "3,7.5", "--image-scales", "1.2,1.5"))
+    assert code == 0
+    (png,) = [p for p in os.listdir(out) if p.endswith(".png")]
+    grid = Image.open(out / png)
+    assert grid.width > 2 * fx.W and grid.height > 2 * fx.H
+    side = json.load(open(out / (png[:-4] + ".json")))
+    assert side["grid"] == {"rows_image_scale": [1.2, 1.5], "columns_text_scale": [3.0, 7.5]}
+    assert side["seed"] == 5
+
+
+def test_nothing_readable_exits_1(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    code = cli.main(["edit", "--model", model_dir, "--image", str(bad), str(tmp_path / "missing.png"),
+                     "--instruction", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "bad.jpg: not a readable image" in err and "missing.png: no such file" in err
+    assert "none of the 2 input(s) could be read" in err
+
+
+def test_no_model_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(edit_cmd, "find_demo_model", lambda: None)
+    code = cli.main(["edit", "--image", "x.png", "--instruction", "x", "--out", str(tmp_path)])
+    assert code == 2
+    assert "no --model given and no demo model installed" in capsys.readouterr().err
