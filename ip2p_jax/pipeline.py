@@ -256,13 +256,24 @@ class EditPipeline:
             groups: dict[tuple[int, int], list[_Job]] = {}
             for j in work:
                 groups.setdefault(j.image.size, []).append(j)
+            chunks = []
             for group in groups.values():
                 size = self._call_size(len(group), batch_size)
-                for start in range(0, len(group), size):
-                    chunk = group[start:start + size]
-                    for out in self._run_chunk(plan, chunk, size, emb, row, null, noise):
+                chunks += [(group[i:i + size], size) for i in range(0, len(group), size)]
+            pending = None   # dispatch chunk k+1 before collecting chunk k: host and device overlap
+            for chunk, size in chunks + [(None, 0)]:
+                try:
+                    started = self._dispatch(plan, chunk, size, emb, row, null, noise) if chunk else None
+                except Exception:
+                    if pending is not None:   # hand out finished work before the error propagates
+                        for out in self._collect(*pending):
+                            yield out
+                    raise
+                if pending is not None:
+                    for out in self._collect(*pending):
                         yield out
                         bar and bar.update(1)
+                pending = started
         finally:
             bar and bar.close()
 
@@ -275,7 +286,8 @@ class EditPipeline:
         cap = PER_DEVICE_BATCH * self.num_devices
         return sharding.padded_size(min(cap, 1 << max(0, (n - 1).bit_length())), self.num_devices)
 
-    def _run_chunk(self, plan, chunk: list, size: int, emb, row, null, noise) -> list:
+    def _dispatch(self, plan, chunk: list, size: int, emb, row, null, noise):
+        """Start one compiled edit on `chunk` (padded to `size` rows); returns (device result, chunk)."""
         batch = sharding.batch_sharding(self.mesh)
         rep = sharding.replicated(self.mesh)
         pad = lambda a: sharding.to_global(sharding.pad_rows(np.asarray(a), size), batch)  # noqa: E731
@@ -292,6 +304,10 @@ class EditPipeline:
         generic, kind = _generic_plan(plan)
         out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
+        return out, chunk
+
+    @staticmethod
+    def _collect(out, chunk: list) -> list:
         arrays = sharding.to_host(out)[:len(chunk)]
         return [EditOutput(imlib.from_unit_array(a), a, j.settings) for j, a in zip(chunk, arrays)]
 

@@ -119,7 +119,7 @@ def unet_step_ms(pipe, batch: int, res: int, repeats: int = 10) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny random model at 64x64 (CPU, seconds)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model at 32x32 (CPU, seconds)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--res", type=int, default=512)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from ip2p_jax.pipeline import EditPipeline, resolve_dtype
 
     dtype = resolve_dtype(a.dtype)
-    res = 64 if a.tiny else a.res
+    res = 32 if a.tiny else a.res
     t0 = time.perf_counter()
     components = random_components(TINY if a.tiny else SD15, dtype)
     pipe = EditPipeline(components, dtype=dtype, attention_impl=a.attention, source="random")
@@ -165,7 +165,9 @@ def main(argv=None) -> int:
             "edit_tflops": round(b * per_image_gflop / med / 1e3, 1)}
         print(json.dumps({**info, "batch": b, "first_call_s": round(first, 3), "median_s": round(med, 4),
                           "images_per_s": round(b / med, 3), "unet_step_ms_cfg3x": round(unet_ms, 2),
-                          **flops, "peak_mem_gib": peak_memory_gib()}), flush=True)
+                          **flops, "peak_mem_gib": peak_memory_gib(),
+                          "finite_fraction": round(float(np.mean([np.isfinite(x).mean() for x in out.arrays])), 4)}),
+              flush=True)
     return 0
 
 

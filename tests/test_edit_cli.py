@@ -102,3 +102,13 @@ def test_no_model_is_a_usage_error(tmp_path, capsys, monkeypatch):
     code = cli.main(["edit", "--image", "x.png", "--instruction", "x", "--out", str(tmp_path)])
     assert code == 2
     assert "no --model given and no demo model installed" in capsys.readouterr().err
+
+
+def test_app_without_gradio_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    from ip2p_jax import app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)   # import gradio -> ImportError, installed or not
+    assert app.main(["--model", "unused"]) == 2
+    assert "pip install 'ip2p_jax[app]'" in capsys.readouterr().err

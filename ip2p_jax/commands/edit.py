@@ -19,7 +19,6 @@ import re
 import sys
 import warnings
 
-DEMO_MODEL_ENV = "IP2P_JAX_DEMO_MODEL"
 
 
 def _floats(text: str) -> list[float]:
@@ -66,11 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def find_demo_model() -> str | None:
     """The demo model shipped with the package (or named by $IP2P_JAX_DEMO_MODEL), if installed."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (os.environ.get(DEMO_MODEL_ENV), os.path.join(here, "demo_model")):
-        if candidate and os.path.exists(os.path.join(candidate, "model_index.json")):
-            return candidate
-    return None
+    from ip2p_jax import demo
+
+    try:
+        return demo.demo_model_path()
+    except demo.DemoError:
+        return None
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -114,6 +114,8 @@ def run(args) -> int:
         raise ValueError("--grid needs at least one --text-scales and one --image-scales value")
     model = args.model or find_demo_model()
     if model is None:
+        from ip2p_jax.demo import DEMO_MODEL_ENV
+
         raise ValueError("no --model given and no demo model installed "
                          f"(pass --model PATH, or set ${DEMO_MODEL_ENV})")
 
