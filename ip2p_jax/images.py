@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 # Larger inputs are refused before decoding (50 MP is about 8700 x 5800).
 DEFAULT_MAX_PIXELS = 50_000_000
 # An image whose short side is below this is upscaled to it (with a warning) before editing.
-MIN_SIDE = 32
+MIN_SIDE = 16
 # The model-side size `resize="keep"` may produce; beyond it memory and time explode.
 DEFAULT_MAX_EDIT_PIXELS = 2048 * 2048
 RESIZE_MODES = ("authors", "keep")
@@ -31,32 +31,32 @@ class ImageError(ValueError):
 # ---------------------------------------------------------------- loading and normalising
 
 def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image file as upright 8-bit RGB (EXIF rotation applied, alpha on white)."""
+    """Read an image file as upright 8-bit RGB (EXIF rotation applied, alpha on white).
+
+    The size is checked against `max_pixels` from the header, before any pixel is decoded
+    (this limit replaces Pillow's decompression-bomb check)."""
+    prev = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except (Image.UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image is too large to open safely") from None
-    with im:
-        check_pixels(im.size, max_pixels, name=path)
         try:
-            prev, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit was just applied
+            im = Image.open(path)
+        except FileNotFoundError:
+            raise ImageError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{path}: is a directory, not an image") from None
+        except (Image.UnidentifiedImageError, OSError) as e:
+            raise ImageError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
+        with im:
+            check_pixels(im.size, max_pixels, name=path)
             try:
                 im.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = prev
-            return to_rgb(im, name=path)
-        except ImageError:
-            raise
-        except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data
-            raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+                return to_rgb(im, name=path)
+            except ImageError:
+                raise
+            except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data
+                raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = prev
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int, *, name: str = "image") -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import warnings
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -122,14 +121,17 @@ class EditPipeline:
         self.vae_scale = 2 ** (len(c.vae_config.block_out_channels) - 1)   # pixels per latent
         self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
         self.unet = UNet2DConditionModel(c.unet_config, dtype=self.dtype, attention_impl=attention_impl)
-        self.vae = AutoencoderKL(c.vae_config, dtype=self.dtype, attention_impl=attention_impl)
+        # fp16 overflows in SD's VAE at large sizes: diffusers' force_upcast runs it in fp32 (bf16 is fine).
+        upcast = self.dtype == jnp.dtype(jnp.float16) and getattr(c.vae_config, "force_upcast", False)
+        self.vae_dtype = jnp.dtype(jnp.float32) if upcast else self.dtype
+        self.vae = AutoencoderKL(c.vae_config, dtype=self.vae_dtype, attention_impl=attention_impl)
         self.text_encoder = CLIPTextModel(c.text_config, dtype=self.dtype, attention_impl=attention_impl)
         self.tokenizer = c.tokenizer
         self.scheduler_config = dict(c.scheduler_config or {})
         self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
-        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), tree)  # noqa: E731
-        self.params = sharding.replicate(
-            {"unet": cast(c.unet_params), "vae": cast(c.vae_params), "text": cast(c.text_params)}, self.mesh)
+        cast = lambda tree, d=self.dtype: jax.tree.map(lambda a: jnp.asarray(a, d), tree)  # noqa: E731
+        self.params = sharding.replicate({"unet": cast(c.unet_params), "vae": cast(c.vae_params, self.vae_dtype),
+                                          "text": cast(c.text_params)}, self.mesh)
         self._edit_jit = self._build_edit()
         self._text_jit = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids),
                                  out_shardings=sharding.replicated(self.mesh))
@@ -341,20 +343,7 @@ class EditPipeline:
             raise ValueError(f"{len(names)} names for {n} images")
         names = [os.fspath(x) for x in names]
 
-        base = secrets.randbelow(2 ** 31) if seed is None else None
-        if seed is None:
-            seeds = [[base + j * num_samples + k for k in range(num_samples)] for j in range(n)]
-        elif np.ndim(seed) == 0:
-            seeds = [[int(seed) + j * num_samples + k for k in range(num_samples)] for j in range(n)]
-        else:
-            per = [int(s) for s in seed]
-            if len(per) != n:
-                raise ValueError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
-            seeds = [[s + k for k in range(num_samples)] for s in per]
-        flat = [s for row in seeds for s in row]
-        if min(flat) < 0 or max(flat) >= SEED_LIMIT:
-            raise ValueError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
-
+        seeds = output_seeds(seed, n, num_samples)
         t_scales, i_scales = _per_item(text_scale, n, "text_scale"), _per_item(image_scale, n, "image_scale")
         if randomize_scales:
             rng = np.random.default_rng(seeds[0][0])
@@ -434,6 +423,23 @@ def sample_any(eps_fn, noise, plan: samplers.Plan, kind, step_keys):
         return jax.lax.switch(kind, branches, state, eps, z)
 
     return jax.lax.fori_loop(0, plan.steps, body, samplers.init_state(plan, noise)).x
+
+
+def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
+    """seeds[j][k] for sample k of image j: None -> a random base; an int s -> s + output index;
+    one int per image s_j -> s_j + k."""
+    if seed is None or np.ndim(seed) == 0:
+        base = secrets.randbelow(2 ** 31) if seed is None else int(seed)
+        seeds = [[base + j * num_samples + k for k in range(num_samples)] for j in range(n)]
+    else:
+        per = [int(s) for s in seed]
+        if len(per) != n:
+            raise ValueError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
+        seeds = [[s + k for k in range(num_samples)] for s in per]
+    flat = [s for row in seeds for s in row]
+    if min(flat) < 0 or max(flat) >= SEED_LIMIT:
+        raise ValueError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
+    return seeds
 
 
 def _per_item(value, n: int, name: str) -> list[float]:

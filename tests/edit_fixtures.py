@@ -16,7 +16,7 @@ from PIL import Image
 
 import tiny
 
-H, W, STEPS, BATCH = 32, 48, 3, 4
+H, W, STEPS, BATCH = 24, 32, 3, 4
 INSTRUCTION = "make it winter"
 
 

@@ -119,18 +119,34 @@ def shapes_tfds(tmp_path_factory):
     return str(root / "tfds")
 
 
-def test_demo_training_pipeline_runs_and_resumes(tmp_path, shapes_tfds):
-    """VAE (2 steps) -> encode the shapes TFDS -> editor (2 steps, then resumed to 3) -> folder that
-    EditPipeline loads and edits with."""
-    from ip2p_jax.pipeline import EditPipeline
-
-    work = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def encoded_run(tmp_path_factory, shapes_tfds):
+    """Workdir after the demo pipeline's VAE stage (2 steps) and the encoding of the shapes TFDS."""
+    work = str(tmp_path_factory.mktemp("demo_run") / "run")
     base = dm.train_vae(work, steps=2, batch_size=4, progress=False, crop=32, configs=TINY)
-    assert base["vae_metrics"]["steps"] == 2 and np.isfinite(base["vae_metrics"]["psnr_db"])
     shapes = dm.encode_pairs(work, shapes_tfds, "shapes", progress=False)
+    return work, base, shapes
+
+
+def test_vae_stage_and_encoding_of_shapes_pairs(encoded_run):
+    work, base, shapes = encoded_run
+    assert base["vae_metrics"]["steps"] == 2 and np.isfinite(base["vae_metrics"]["psnr_db"])
+    assert base["vae"]["scaling_factor"] > 0 and base["text_encoder"]["vocab_size"] == 706
     n = shapes["input_ids"][0]
     assert n > 20 and shapes["input_moments"] == (n, 16, 16, 8) and shapes["input_ids"] == (n, 77)
+    # resuming a finished VAE run trains nothing more and gives the same weights
+    params = dm.load_vae_params(work)
+    dm.train_vae(work, steps=2, batch_size=4, progress=False, crop=32, configs=TINY)
+    again = dm.load_vae_params(work)
+    assert np.array_equal(params["decoder"]["conv_out"]["kernel"], again["decoder"]["conv_out"]["kernel"])
 
+
+@pytest.mark.slow
+def test_editor_training_resumes_and_assembles_a_model(encoded_run, tmp_path):
+    """Editor (UNet + text encoder) 2 steps, resumed to 3, then a folder EditPipeline edits with."""
+    from ip2p_jax.pipeline import EditPipeline
+
+    work = encoded_run[0]
     cfg = dm.EditorTrainConfig(steps=2, batch_size=4, checkpoint_every=1, log_every=1, warmup_steps=0)
     state = dm.train_editor(work, cfg, progress=False)
     assert int(state.step) == 2 and int(state.updates) == 2

@@ -52,19 +52,26 @@ def _reference_scheduler(sampler):
                                        timestep_spacing="linspace", steps_offset=0)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
-def test_parity_with_diffusers(pipe, model_dir, sampler):
-    import torch
+@pytest.fixture(scope="module")
+def reference(model_dir):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
+    ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_parity_with_diffusers(pipe, reference, sampler):
+    import torch
+
+    ref = reference
     steps = fx.STEPS   # DPM++ 2M: first order, second order, first order (to sigma 0)
     image = fx.sample_images(1)[0]
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((1, fx.H // pipe.vae_scale, fx.W // pipe.vae_scale, 4)).astype(np.float32)
-    ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.scheduler = _reference_scheduler(sampler)
-    ref.set_progress_bar_config(disable=True)
     with torch.no_grad():
         want = ref(fx.INSTRUCTION, image=image, num_inference_steps=steps, guidance_scale=7.5,
                    image_guidance_scale=1.5, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
@@ -133,8 +140,8 @@ def test_bad_requests_are_clear(pipe):
         pipe.edit([img, img], ["a", "b", "c"], progress=False)
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe.edit(img, "a", sampler="heun", progress=False)
-    with pytest.raises(ValueError, match=r"latents must have shape .*\(1, 16, 24, 4\)"):
-        pipe.edit(img, "a", resize="keep", latents=np.zeros((1, 4, 16, 24)), progress=False)
+    with pytest.raises(ValueError, match=r"latents must have shape .*\(1, 12, 16, 4\)"):
+        pipe.edit(img, "a", resize="keep", latents=np.zeros((1, 4, 12, 16)), progress=False)
     with pytest.raises(ValueError, match="text_scale: 2 values for 1 images"):
         pipe.edit(img, "a", text_scale=[1, 2], progress=False)
     with pytest.raises(ValueError, match="seeds must lie in"):
@@ -191,3 +198,11 @@ def test_app_generate_reports_seed_and_scales(pipe):
     assert out.size == (64, 64) and 0 <= seed < 2 ** 31 and 6 <= ts <= 9 and 1.2 <= i_s <= 1.8
     _, seed2, ts2, _ = app.edit_once(pipe, image, "", seed=seed, randomize_seed=False, text_scale=5.0)
     assert (seed2, ts2) == (seed, 5.0)
+
+
+def test_long_instruction_truncated_with_warning(pipe, caplog):
+    long = " ".join(["make it winter"] * 40)
+    with caplog.at_level("WARNING"):
+        emb = pipe.encode_text([long, ""])
+    assert emb.shape == (2, 77, pipe.text_config.hidden_size)
+    assert "truncated" in caplog.text

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import warnings
 
 
 
@@ -30,6 +29,9 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ip2p_jax import images
+
+    p.epilog = ("Exit status: 0 when at least one result was written (unreadable inputs are reported and "
+                "skipped), 1 when nothing could be edited, 2 for a usage error.")
 
     p.add_argument("--model", help="diffusers folder, single checkpoint file or hub id (default: the demo model)")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH",
@@ -110,6 +112,9 @@ def run(args) -> int:
 
     if args.steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--steps, --num-samples and --batch-size must be positive")
+    from ip2p_jax.diffusion import make_plan
+
+    make_plan(args.sampler, args.steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise ValueError("--grid needs at least one --text-scales and one --image-scales value")
     model = args.model or find_demo_model()

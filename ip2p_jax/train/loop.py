@@ -99,8 +99,10 @@ class MetricLog:
     """Per-step scalars (fetched one step late, so the host never waits on the current step);
     averages to TensorBoard and a progress line every `every` steps; the non-finite guard."""
 
-    def __init__(self, writer, every: int, total_steps: int, batch_size: int, max_nonfinite: int, start: int):
+    def __init__(self, writer, every: int, total_steps: int, batch_size: int, max_nonfinite: int, start: int,
+                 jsonl_path: Optional[str] = None):
         self.writer, self.every, self.total, self.batch = writer, max(1, every), total_steps, batch_size
+        self.jsonl_path = jsonl_path
         self.max_nonfinite, self.start = max_nonfinite, start
         self.window: list[dict] = []
         self.t_last: Optional[float] = None
@@ -148,6 +150,9 @@ class MetricLog:
                 if np.isfinite(v):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.jsonl_path and jax.process_index() == 0:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n")
         eta_s = _fmt_time(eta) if np.isfinite(eta) else "?"
         _say(f"step {step}/{self.total}  loss {avg['loss']:.4f}  grad {avg['grad_norm']:.3f}  "
              f"lr {self.last['learning_rate']:.2e}  {rate:.1f} ex/s  ETA {eta_s}")
@@ -254,7 +259,8 @@ def train(config, workdir: str) -> RunResult:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     t = config.train
-    metrics_log = MetricLog(writer, config.log.every_steps, t.num_steps, t.batch_size, t.max_nonfinite_steps, start)
+    metrics_log = MetricLog(writer, config.log.every_steps, t.num_steps, t.batch_size, t.max_nonfinite_steps, start,
+                            os.path.join(workdir, "metrics.jsonl"))
     sampler = None
     sample_every = config.log.sample_every_steps
     step, pending, preempted = start, None, False
@@ -271,7 +277,7 @@ def train(config, workdir: str) -> RunResult:
                     metrics_log.add(pending[0], runner.scalars(pending[1]))
                 pending = (step, metrics)
                 preempted = stop.should_stop(step)
-                if preempted or step == t.num_steps or ckpt.manager.should_save(step):
+                if preempted or step == t.num_steps or step % max(1, k.every_steps) == 0:
                     ckpt.save(step, runner.to_global(state), data_state, force=True)
                 if sample_every and step % sample_every == 0:
                     if sampler is None:
