@@ -166,29 +166,7 @@ class EditPipeline:
         return sharding.to_host(out)[:n]
 
     def _build_edit(self):
-        unet, vae = self.unet, self.vae
-        scaling = float(self.vae_config.scaling_factor)
-        batch = sharding.batch_sharding(self.mesh)
-        rep = sharding.replicated(self.mesh)
-
-        def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
-            # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
-            mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
-            image_latents = jax.lax.with_sharding_constraint(mean, batch)
-            noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
-
-            def model_fn(x, t, text):   # the 3-way batch: rows [cond, image-only, uncond] per example
-                return unet.apply({"params": params["unet"]}, x, t, text)
-
-            eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
-            latents = sample_any(eps_fn, noise, plan, kind, _step_keys(seeds))
-            decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
-            return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-        # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
-        donate = () if jax.default_backend() == "cpu" else (3,)
-        return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
-                       out_shardings=batch, donate_argnums=donate)
+        return _edit_function(self.unet, self.vae, float(self.vae_config.scaling_factor), self.mesh)
 
     @staticmethod
     def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -395,6 +373,41 @@ class EditPipeline:
         for jb in jobs:
             jb.settings["latents"] = "given"
         return lat
+
+
+# ---------------------------------------------------------------------- the compiled edit
+
+_EDIT_FUNCTIONS: dict = {}   # pipelines of the same model shape share one jitted edit (and its compiles)
+
+
+def _edit_function(unet, vae, scaling: float, mesh: Mesh):
+    key = (unet, vae, scaling, mesh)   # Flax modules hash by their (frozen) config fields
+    if key not in _EDIT_FUNCTIONS:
+        _EDIT_FUNCTIONS[key] = _make_edit_function(unet, vae, scaling, mesh)
+    return _EDIT_FUNCTIONS[key]
+
+
+def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
+    batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+    def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+        # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
+        mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
+        image_latents = jax.lax.with_sharding_constraint(mean, batch)
+        noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
+
+        def model_fn(x, t, text):   # the 3-way batch: rows [cond, image-only, uncond] per example
+            return unet.apply({"params": params["unet"]}, x, t, text)
+
+        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
+        latents = sample_any(eps_fn, noise, plan, kind, _step_keys(seeds))
+        decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
+        return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
+    donate = () if jax.default_backend() == "cpu" else (3,)
+    return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
+                   out_shardings=batch, donate_argnums=donate)
 
 
 # ---------------------------------------------------------------------- sampling with any sampler

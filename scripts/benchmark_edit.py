@@ -7,6 +7,8 @@ per line, comparable with ../shared/bench/peer_diffusers_ip2p.py run in the same
 
   python scripts/benchmark_edit.py [--tiny] [--steps 20] [--batches 1,4,16] [--res 512]
 
+--tiny: a tiny random model at 32x32, 4 steps, batches 1,2 (checks the script on CPU).
+
 Per batch: end-to-end `EditPipeline.edit` (PIL in, PIL out; warm, median of --repeats),
 images/s, the UNet forward on the 3-way guidance batch (ms), achieved TFLOP/s and peak
 device memory. Imports only jax/flax/numpy/PIL and ip2p_jax modules that need nothing else.
@@ -66,27 +68,39 @@ class WordTokenizer:
         return {"input_ids": ids}
 
 
+def random_params(abstract, key, dtype):
+    """Params shaped like `abstract` (ShapeDtypeStructs), made by one jitted function on the
+    device: kernels and embeddings normal / sqrt(fan in), norm scales 1, biases 0. No model
+    forward is traced or compiled (unlike `model.init`), so this is quick everywhere."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def make(key):
+        leaves = []
+        for i, (path, leaf) in enumerate(paths):
+            name = getattr(path[-1], "key", str(path[-1]))
+            if name == "bias":
+                x = jnp.zeros(leaf.shape, dtype)
+            elif name == "scale":
+                x = jnp.ones(leaf.shape, dtype)
+            else:
+                fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else leaf.shape[-1]
+                x = (jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32) / np.sqrt(fan_in))
+            leaves.append(x.astype(dtype))
+        return jax.tree.unflatten(treedef, leaves)
+
+    return jax.jit(make)(key)
+
+
 def random_components(spec: dict, dtype):
-    """Components with random params created on device, inside jit, in `dtype`."""
-    from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
-    from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
-    from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+    """Components with random params created on the device in `dtype`."""
+    from ip2p_jax.models import clip, unet, vae
     from ip2p_jax.weights.components import Components
 
-    ucfg, vcfg, tcfg = (UNetConfig.from_dict(spec["unet"]), VAEConfig.from_dict(spec["vae"]),
-                        CLIPTextConfig.from_dict(spec["text"]))
-    n = 2 ** (len(ucfg.block_out_channels) - 1)
-    f = 2 ** (len(vcfg.block_out_channels) - 1)
-    inits = {
-        "unet": lambda k: UNet2DConditionModel(ucfg).init(k, jnp.zeros((1, n, n, ucfg.in_channels)), jnp.zeros((1,)),
-                                                           jnp.zeros((1, 77, ucfg.cross_attention_dim))),
-        "vae": lambda k: AutoencoderKL(vcfg).init(k, jnp.zeros((1, 8 * f, 8 * f, 3))),
-        "text": lambda k: CLIPTextModel(tcfg).init(k, jnp.zeros((1, 77), jnp.int32)),
-    }
-    params = {}
-    for i, (name, init) in enumerate(inits.items()):
-        make = jax.jit(lambda k, init=init: jax.tree.map(lambda a: a.astype(dtype), init(k)["params"]))
-        params[name] = make(jax.random.key(i, impl="unsafe_rbg"))   # fast to compile; quality is moot
+    ucfg, vcfg, tcfg = (unet.UNetConfig.from_dict(spec["unet"]), vae.VAEConfig.from_dict(spec["vae"]),
+                        clip.CLIPTextConfig.from_dict(spec["text"]))
+    key = jax.random.key(0, impl="unsafe_rbg")   # quick to compile; quality is moot here
+    params = {name: random_params(module.abstract_params(cfg), jax.random.fold_in(key, i), dtype)
+              for i, (name, module, cfg) in enumerate([("unet", unet, ucfg), ("vae", vae, vcfg), ("text", clip, tcfg)])}
     tok = WordTokenizer(tcfg.vocab_size, tcfg.bos_token_id, tcfg.eos_token_id)
     return Components(unet_config=ucfg, unet_params=params["unet"], vae_config=vcfg, vae_params=params["vae"],
                       text_config=tcfg, text_params=params["text"], tokenizer=tok, scheduler_config={},
@@ -120,14 +134,16 @@ def unet_step_ms(pipe, batch: int, res: int, repeats: int = 10) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random model at 32x32 (CPU, seconds)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--steps", type=int, default=None, help="default 20 (--tiny: 4)")
+    ap.add_argument("--batches", default=None, help="default 1,4,16 (--tiny: 1,2)")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--sampler", default="euler_a")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on GPU/TPU, fp32 on CPU)")
     ap.add_argument("--attention", default="auto", help="attention_impl: auto | xla | cudnn")
     a = ap.parse_args(argv)
+    a.steps = a.steps or (4 if a.tiny else 20)
+    a.batches = a.batches or ("1,2" if a.tiny else "1,4,16")
 
     from ip2p_jax.pipeline import EditPipeline, resolve_dtype
 

@@ -1,9 +1,9 @@
-"""Shared by test_pipeline.py and test_edit_cli.py: one tiny diffusers folder per test run
-(built once even when pytest-xdist workers ask at the same time) and one shared JAX
-compilation cache, so the same compiled edit is not rebuilt by every worker or subprocess.
+"""Shared by test_pipeline.py and test_edit_cli.py: one tiny diffusers folder per test run,
+built once even when pytest-xdist workers ask for it at the same time.
 
-Every edit in these tests uses the same shapes where it can (32x48 images, 3 steps,
-batch_size=4): one compile serves them all.
+Every edit in these tests uses the same shapes (24x32 images, 3 steps, batch_size=4, any
+sampler): pipelines of one model share their compiled edit, so one compile per process
+serves them all.
 """
 from __future__ import annotations
 
@@ -37,22 +37,6 @@ def tiny_model_dir(tmp_path_factory) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             tiny.save_pipeline(tmp, seed=3)
             os.replace(tmp, path)
-    return path
-
-
-def compilation_cache_dir(tmp_path_factory) -> str:
-    path = os.path.join(shared_root(tmp_path_factory), "xla_cache")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def enable_cache(tmp_path_factory) -> str:
-    import jax
-
-    path = compilation_cache_dir(tmp_path_factory)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 
 

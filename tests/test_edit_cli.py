@@ -18,11 +18,6 @@ def model_dir(tmp_path_factory):
     return fx.tiny_model_dir(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return fx.compilation_cache_dir(tmp_path_factory)
-
-
 @pytest.fixture
 def inputs(tmp_path):
     """Mixed inputs that all come out 48x32 (the shape the other edit tests compile for)."""
@@ -41,17 +36,21 @@ def inputs(tmp_path):
     return d
 
 
-def _args(model_dir, cache_dir, images, out, *extra):
+def _args(model_dir, images, out, *extra):
     return ["edit", "--model", model_dir, "--image", *images, "--instruction", fx.INSTRUCTION, "--out", str(out),
-            "--steps", str(fx.STEPS), "--resize", "keep", "--batch-size", str(fx.BATCH), "--quiet",
-            "--compilation-cache", cache_dir, *extra]
+            "--steps", str(fx.STEPS), "--resize", "keep", "--batch-size", str(fx.BATCH), "--quiet", *extra]
 
 
-def test_folder_of_mixed_inputs(model_dir, cache_dir, inputs, tmp_path, capsys):
+def test_folder_of_mixed_inputs(model_dir, inputs, tmp_path, capsys, monkeypatch):
+    from ip2p_jax import sharding
+
+    caches = []   # the real switch changes process-wide JAX settings; the test only checks the wiring
+    monkeypatch.setattr(sharding, "enable_compilation_cache", lambda d=None: caches.append(d))
     out = tmp_path / "out"
-    code = cli.main(_args(model_dir, cache_dir, [str(inputs)], out, "--seed", "11"))
+    code = cli.main(_args(model_dir, [str(inputs)], out, "--seed", "11", "--compilation-cache", str(tmp_path / "c")))
     err = capsys.readouterr().err
     assert code == 0, err
+    assert caches == [str(tmp_path / "c")]
     assert "d_broken.png" in err and "skipping" in err and "1 of 5 input(s) skipped" in err
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert len(pngs) == 4 and not any("broken" in p for p in pngs)
@@ -66,16 +65,16 @@ def test_folder_of_mixed_inputs(model_dir, cache_dir, inputs, tmp_path, capsys):
 
     # the sidecar's seed reproduces a result on its own, without overwriting anything
     rotated = sidecars[3]
-    code = cli.main(_args(model_dir, cache_dir, [rotated["input"]], out, "--seed", str(rotated["seed"])))
+    code = cli.main(_args(model_dir, [rotated["input"]], out, "--seed", str(rotated["seed"])))
     assert code == 0
     again = [p for p in os.listdir(out) if p.startswith(pngs[3][:-4]) and p != pngs[3] and p.endswith(".png")]
     assert len(again) == 1
     np.testing.assert_array_equal(np.asarray(Image.open(out / again[0])), np.asarray(Image.open(out / pngs[3])))
 
 
-def test_grid(model_dir, cache_dir, inputs, tmp_path):
+def test_grid(model_dir, inputs, tmp_path):
     out = tmp_path / "grid"
-    code = cli.main(_args(model_dir, cache_dir, [str(inputs / "a_rgba.png")], out, "--seed", "5", "--grid",
+    code = cli.main(_args(model_dir, [str(inputs / "a_rgba.png")], out, "--seed", "5", "--grid",
                           "--text-scales", "3,7.5", "--image-scales", "1.2,1.5"))
     assert code == 0
     (png,) = [p for p in os.listdir(out) if p.endswith(".png")]

@@ -23,10 +23,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(model_dir, tmp_path_factory):
+def pipe(model_dir):
     from ip2p_jax.pipeline import EditPipeline
 
-    fx.enable_cache(tmp_path_factory)
     return EditPipeline.from_pretrained(model_dir, dtype="fp32")
 
 
@@ -157,9 +156,10 @@ MULTI_DEVICE = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     assert jax.device_count() == 4, jax.devices()
-    jax.config.update("jax_compilation_cache_dir", sys.argv[3])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import numpy as np
+    from ip2p_jax import sharding
+    sharding.enable_compilation_cache(sys.argv[3])   # exercised here, in a process of its own
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     sys.path.insert(0, sys.argv[4])
     import edit_fixtures as fx
     from ip2p_jax.pipeline import EditPipeline
@@ -172,15 +172,16 @@ MULTI_DEVICE = textwrap.dedent("""
     five = pipe.edit(imgs + imgs[:2], fx.INSTRUCTION, seed=[11, 12, 13, 11, 12],
                      text_scale=%r, image_scale=%r, **kw)
     np.savez(sys.argv[2], three=np.stack(three.arrays), five=np.stack(five.arrays))
+    assert any(name.startswith("jit_edit") for name in os.listdir(sys.argv[3])), os.listdir(sys.argv[3])
 """ % (SCALES_T, SCALES_I, SCALES_T + SCALES_T[:2], SCALES_I + SCALES_I[:2]))
 
 
-def test_four_devices_match_one(model_dir, batched, tmp_path, tmp_path_factory):
+def test_four_devices_match_one(model_dir, batched, tmp_path):
     script = tmp_path / "multi.py"
     script.write_text(MULTI_DEVICE)
     out = tmp_path / "out.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(script), model_dir, str(out), fx.compilation_cache_dir(tmp_path_factory),
+    proc = subprocess.run([sys.executable, str(script), model_dir, str(out), str(tmp_path / "xla_cache"),
                            os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(out)

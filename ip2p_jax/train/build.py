@@ -12,13 +12,16 @@ config.model.vae / config.model.text_encoder and the tokenizer is read from conf
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from ip2p_jax.diffusion.schedules import TrainingSchedule
+from ip2p_jax.models import clip as clip_lib, unet as unet_lib, vae as vae_lib
 from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
@@ -60,8 +63,28 @@ def _plain(d) -> dict:
     return d.to_dict() if hasattr(d, "to_dict") else dict(d)
 
 
-def _random_params(module, key, *args) -> dict:
-    return jax.device_get(jax.jit(lambda k: module.init(k, *args)["params"])(key))
+def random_params(abstract: Any, seed: int) -> dict:
+    """Host (numpy) init for training from scratch, by leaf kind: kernels LeCun normal (variance
+    1/fan_in), embeddings N(0, 0.02^2), norm scales 1, biases 0. Each leaf draws from its own
+    stream (seed, path), so nothing is compiled and the result does not depend on the tree's order."""
+    flat = traverse_util.flatten_dict(abstract)
+    out = {}
+    for path, leaf in flat.items():
+        shape, name = tuple(leaf.shape), path[-1]
+        rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1])) or 1
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        elif name == "embedding":
+            value = 0.02 * rng.standard_normal(shape)
+        elif name == "scale":
+            value = np.ones(shape)
+        elif name == "bias":
+            value = np.zeros(shape)
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        out[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(out)
 
 
 def load_components(path: str):
@@ -78,7 +101,6 @@ def build(config, *, load_weights: bool = True) -> Built:
     m = config.model
     notes: list[str] = []
     dtype = compute_dtype(m.compute_dtype)
-    key_unet, key_vae, key_text = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
     init = m.init
     src = load_components(init) if init else (load_components(m.frozen_from) if m.frozen_from else None)
@@ -132,15 +154,11 @@ def build(config, *, load_weights: bool = True) -> Built:
         text_encoder=CLIPTextModel(text_config, dtype=dtype, attention_impl=m.attention_impl))
     if load_weights:
         if unet_params is None:
-            h = 2 ** (len(unet_config.block_out_channels) - 1)
-            unet_params = _random_params(models.unet.clone(dtype=jnp.float32), key_unet,
-                                         jnp.zeros((1, h, h, 8)), jnp.zeros((1,), jnp.int32),
-                                         jnp.zeros((1, 77, text_config.hidden_size)))
+            unet_params = random_params(unet_lib.abstract_params(unet_config), config.seed)
         if vae_params is None:
-            vae_params = _random_params(models.vae.clone(dtype=jnp.float32), key_vae, jnp.zeros((1, 8, 8, 3)))
+            vae_params = random_params(vae_lib.abstract_params(vae_config), config.seed + 1)
         if text_params is None:
-            text_params = _random_params(models.text_encoder.clone(dtype=jnp.float32), key_text,
-                                         jnp.zeros((1, 77), jnp.int32))
+            text_params = random_params(clip_lib.abstract_params(text_config), config.seed + 2)
 
     from ip2p_jax.data.tokenize import tokenize
     null_ids = tokenize(tokenizer, [""])

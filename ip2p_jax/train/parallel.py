@@ -84,7 +84,8 @@ class PmapRunner:
         return jax.tree.map(rep, tree)
 
     def init_state(self, params: Any, seed: int) -> TrainState:
-        return jax.pmap(lambda p: create_train_state(p, self.tx, seed))(self._replicate(params))
+        # axis_name as in the step, so the state's sharding matches the step's output (no recompile)
+        return jax.pmap(lambda p: create_train_state(p, self.tx, seed), axis_name="batch")(self._replicate(params))
 
     def put_frozen(self, frozen: dict) -> dict:
         return self._replicate(frozen)
