@@ -151,7 +151,7 @@ def run_demo(out: str = "demo_out", model: Optional[str] = None, examples: str =
     jobs = [(i, ins) for i, it in enumerate(items) for ins in it["instructions"]]
     result = pipe.edit([inputs[i] for i, _ in jobs], [ins for _, ins in jobs], steps=steps, seed=seed,
                        text_scale=text_scale, image_scale=image_scale, resolution=inputs[0].size[0],
-                       resize="keep", progress=progress)
+                       resize="keep", batch_size=len(jobs), progress=progress)   # one compiled call
     os.makedirs(out, exist_ok=True)
     written, rows = [], [(img, []) for img in inputs]
     for (i, ins), img in zip(jobs, result.images):

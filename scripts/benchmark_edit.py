@@ -74,9 +74,13 @@ def random_params(abstract, key, dtype):
     forward is traced or compiled (unlike `model.init`), so this is quick everywhere."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
 
+    sizes = [int(np.prod(leaf.shape)) for _, leaf in paths]
+    offsets = np.cumsum([0] + sizes)
+
     def make(key):
+        noise = jax.random.normal(key, (int(offsets[-1]),), jnp.float32)   # one RNG op for the whole tree
         leaves = []
-        for i, (path, leaf) in enumerate(paths):
+        for (path, leaf), start, size in zip(paths, offsets[:-1], sizes):
             name = getattr(path[-1], "key", str(path[-1]))
             if name == "bias":
                 x = jnp.zeros(leaf.shape, dtype)
@@ -84,7 +88,7 @@ def random_params(abstract, key, dtype):
                 x = jnp.ones(leaf.shape, dtype)
             else:
                 fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else leaf.shape[-1]
-                x = (jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32) / np.sqrt(fan_in))
+                x = jax.lax.dynamic_slice_in_dim(noise, int(start), size).reshape(leaf.shape) / np.sqrt(fan_in)
             leaves.append(x.astype(dtype))
         return jax.tree.unflatten(treedef, leaves)
 

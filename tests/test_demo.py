@@ -99,9 +99,10 @@ def test_shapes_tokenizer_round_trips_in_hf_format(tmp_path):
 def test_shipped_tokenizer_matches_the_builder(tmp_path):
     from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer
 
+    from ip2p_jax.data.tokenize import load_tokenizer
+
     built = build_tokenizer(str(tmp_path / "tok"))
-    with open(os.path.join(demo.demo_model_path(), "tokenizer", "vocab.json")) as f:
-        assert json.load(f) == built.get_vocab()
+    assert load_tokenizer(demo.demo_model_path()).get_vocab() == built.get_vocab()
 
 
 # ----------------------------------------------------------------------------- training path

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Iterator, Optional
@@ -369,6 +370,8 @@ def assemble(workdir: str, out: str, dtype: str = "fp16") -> str:
                        vae_params=load_vae_params(workdir), text_config=text_cfg, text_params=ema["text_encoder"],
                        tokenizer=make_tokenizer(workdir), scheduler_config=dict(base["scheduler"]))
     path = save_diffusers_folder(comps, out, dtype=dtype, overwrite=True)
+    for name in ("vocab.json", "merges.txt"):   # also the older hub layout (transformers 4 reads it)
+        shutil.copyfile(os.path.join(tokenizer_dir(workdir), name), os.path.join(path, "tokenizer", name))
     info = {"editor_steps": step, "vae": base.get("vae_metrics", {}), "trained_by": "scripts/train_demo_model.sh"}
     _write_json(os.path.join(path, "training.json"), info)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)

@@ -72,9 +72,11 @@ def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: d
         edited_mean, edited_logvar = jnp.split(batch["edited_moments"].astype(jnp.float32), 2, axis=-1)
         image_latents = jnp.split(batch["input_moments"].astype(jnp.float32), 2, axis=-1)[0]
     else:
-        vae = {"params": frozen["vae"]}
-        edited_mean, edited_logvar = models.vae.apply(vae, batch["edited_image"], method=models.vae.encode)
-        image_latents = models.vae.apply(vae, batch["input_image"], method=models.vae.encode)[0]
+        # one encoder pass over both images (per-example ops: the same numbers as two passes)
+        both = jnp.concatenate([batch["edited_image"], batch["input_image"]], axis=0)
+        mean, logvar = models.vae.apply({"params": frozen["vae"]}, both, method=models.vae.encode)
+        n = batch["edited_image"].shape[0]
+        edited_mean, edited_logvar, image_latents = mean[:n], logvar[:n], mean[n:]
     eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(post_keys, edited_mean)
     latents = (edited_mean + jnp.exp(0.5 * edited_logvar) * eps) * cfg.scaling_factor
 
