@@ -123,7 +123,7 @@ def sd15(c: ml_collections.ConfigDict) -> None:
 def tiny(c: ml_collections.ConfigDict) -> None:
     c.model.compute_dtype = "float32"
     c.model.train_text_encoder = True
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 3e-3
     c.train.batch_size = 8
     c.train.num_steps = 20
     c.train.ema_decay = 0.99

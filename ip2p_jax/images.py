@@ -159,6 +159,31 @@ def keep_size(width: int, height: int) -> tuple[int, int]:
     return max(8, width // 8 * 8), max(8, height // 8 * 8)
 
 
+def _tiny_upscaled(w: int, h: int) -> tuple[int, int]:
+    f = MIN_SIDE / min(w, h)
+    return max(MIN_SIDE, round(w * f)), max(MIN_SIDE, round(h * f))
+
+
+def edit_size(size: tuple[int, int], *, mode: str = "authors", resolution: int = 512, name: str = "image",
+              max_edit_pixels: int = DEFAULT_MAX_EDIT_PIXELS) -> tuple[int, int]:
+    """The (width, height) `resize_for_edit` gives an image of `size`; ImageError if over the limit."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    w, h = size
+    if min(w, h) < MIN_SIDE:
+        w, h = _tiny_upscaled(w, h)
+    if mode == "authors":
+        out = authors_size(w, h, resolution)
+        check_pixels(out, max_edit_pixels, name=f"{name} (resized for editing)")
+        return out
+    out = keep_size(w, h)
+    if out[0] * out[1] > max_edit_pixels:
+        raise ImageError(f"{name}: {out[0]}x{out[1]} is too large to edit at full size (limit "
+                         f"{max_edit_pixels / 1e6:.1f} MP); use resize='authors' with a resolution, "
+                         f"or raise max_edit_pixels")
+    return out
+
+
 def resize_for_edit(image: Image.Image, *, mode: str = "authors", resolution: int = 512,
                     name: str = "image", max_edit_pixels: int = DEFAULT_MAX_EDIT_PIXELS) -> Image.Image:
     """RGB image -> the image the model edits (sides multiples of 8; of 64 for "authors").
@@ -167,25 +192,18 @@ def resize_for_edit(image: Image.Image, *, mode: str = "authors", resolution: in
     "keep": LANCZOS-resize to `keep_size` (a no-op when the sides are already multiples of 8).
     An image with a side under MIN_SIDE pixels is first upscaled, with a warning.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    size = edit_size(image.size, mode=mode, resolution=resolution, name=name, max_edit_pixels=max_edit_pixels)
     w, h = image.size
     if min(w, h) < MIN_SIDE:
-        f = MIN_SIDE / min(w, h)
-        nw, nh = max(MIN_SIDE, round(w * f)), max(MIN_SIDE, round(h * f))
+        nw, nh = _tiny_upscaled(w, h)
         warnings.warn(f"{name}: {w}x{h} is tiny; upscaled to {nw}x{nh} before editing (expect a blurry result)",
                       stacklevel=2)
-        image, (w, h) = image.resize((nw, nh), Image.Resampling.LANCZOS), (nw, nh)
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    if size == image.size:
+        return image
     if mode == "authors":
-        size = authors_size(w, h, resolution)
-        check_pixels(size, max_edit_pixels, name=f"{name} (resized for editing)")
-        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS) if size != (w, h) else image
-    size = keep_size(w, h)
-    if size[0] * size[1] > max_edit_pixels:
-        raise ImageError(f"{name}: {size[0]}x{size[1]} is too large to edit at full size (limit "
-                         f"{max_edit_pixels / 1e6:.1f} MP); use resize='authors' with a resolution, "
-                         f"or raise max_edit_pixels")
-    return image.resize(size, Image.Resampling.LANCZOS) if size != (w, h) else image
+        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def to_model_array(image: Image.Image) -> np.ndarray:

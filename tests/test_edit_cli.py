@@ -88,12 +88,14 @@ def test_grid(model_dir, inputs, tmp_path):
 def test_nothing_readable_exits_1(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
+    Image.new("RGB", (2100, 2100), "gray").save(tmp_path / "huge.png")   # too big to edit at full size
     code = cli.main(["edit", "--model", model_dir, "--image", str(bad), str(tmp_path / "missing.png"),
-                     "--instruction", "x", "--out", str(tmp_path / "o")])
+                     str(tmp_path / "huge.png"), "--resize", "keep", "--instruction", "x", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1
     assert "bad.jpg: not a readable image" in err and "missing.png: no such file" in err
-    assert "none of the 2 input(s) could be read" in err
+    assert "huge.png: 2096x2096 is too large to edit at full size" in err
+    assert "none of the 3 input(s) can be edited" in err
 
 
 def test_no_model_is_a_usage_error(tmp_path, capsys, monkeypatch):

@@ -124,17 +124,19 @@ def run(args) -> int:
         raise ValueError("no --model given and no demo model installed "
                          f"(pass --model PATH, or set ${DEMO_MODEL_ENV})")
 
-    # Read every input first: a bad file is reported and skipped, the others go on.
+    # Read and check every input first: a bad one is reported and skipped, the others go on.
     paths = images.expand_paths(args.image)
     loaded, failed = [], []
     for path in paths:
         try:
-            loaded.append((path, images.load_image(path, max_pixels=args.max_pixels)))
+            img = images.load_image(path, max_pixels=args.max_pixels)
+            images.edit_size(img.size, mode=args.resize, resolution=args.resolution, name=path)
+            loaded.append((path, img))
         except images.ImageError as e:
             failed.append(path)
             _warn(f"skipping {e}")
     if not loaded:
-        _warn(f"nothing to edit: none of the {len(paths)} input(s) could be read")
+        _warn(f"nothing to edit: none of the {len(paths)} input(s) can be edited")
         return 1
 
     from ip2p_jax import sharding

@@ -134,6 +134,10 @@ def build(config, *, load_weights: bool = True) -> Built:
                              "(a tokenizer folder, or a model folder with tokenizer/)")
         from ip2p_jax.data.tokenize import load_tokenizer
         tokenizer, scheduler_config = load_tokenizer(m.tokenizer), dict(DEFAULT_SCHEDULER)
+        # a bare vocab.json + merges.txt folder leaves model_max_length "unlimited"; readers such as
+        # diffusers pad to it, so pin it to the text encoder's context length.
+        if tokenizer.model_max_length > text_config.max_position_embeddings:
+            tokenizer.model_max_length = text_config.max_position_embeddings
         notes.append("vae, text_encoder: random init (config.model.vae / text_encoder)")
 
     if unet_config.cross_attention_dim != text_config.hidden_size:
