@@ -96,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.log = g = ml_collections.ConfigDict()
     g.every_steps = 50
+    g.tensorboard = True      # event files in <workdir>/tensorboard (metrics.jsonl is always written)
     g.sample_every_steps = 2000  # 0 = no sample edits
     g.num_samples = 4
     g.sample_steps = 20

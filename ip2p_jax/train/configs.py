@@ -35,7 +35,10 @@ def load_config(spec: str):
         raise ConfigOverrideError(f"--config {spec}: cannot import {path}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigOverrideError(f"--config {spec}: {path} has no get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise ConfigOverrideError(f"--config {spec}: {e}") from None
 
 
 def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:

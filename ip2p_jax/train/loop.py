@@ -255,7 +255,7 @@ def train(config, workdir: str) -> RunResult:
     frozen = runner.put_frozen(built.frozen)
 
     writer = None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and config.log.tensorboard:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     t = config.train

@@ -71,6 +71,7 @@ class PmapRunner:
         self.tx = tx
         step = make_train_step(models, step_cfg, tx, lr_schedule, axis_name="batch")
         self._step = jax.pmap(step, axis_name="batch", donate_argnums=(0,))
+        self._unstack = None
 
     @property
     def num_devices(self) -> int:
@@ -106,12 +107,17 @@ class PmapRunner:
 
     # --- checkpoints: the replicated stack <-> one global array replicated over all devices ---
     def to_global(self, state):
-        mesh = _replicated_mesh()
-
-        def glob(x):
-            shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
-            return jax.make_array_from_single_device_arrays(x.shape[1:], NamedSharding(mesh, P()), shards)
-        return jax.tree.map(glob, state)
+        # One compiled call drops the device axis, leaving each leaf replicated over the local devices;
+        # with several hosts those replicas are then joined into one array over all devices.
+        if self._unstack is None:
+            self._unstack = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t),
+                                    out_shardings=NamedSharding(self.local_mesh, P()))
+        local = self._unstack(state)
+        if jax.process_count() == 1:
+            return local
+        sharding = NamedSharding(_replicated_mesh(), P())
+        return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, sharding, [s.data for s in x.addressable_shards]), local)
 
     def restore_target(self, abstract_state):
         sh = NamedSharding(_replicated_mesh(), P())

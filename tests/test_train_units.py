@@ -1,0 +1,164 @@
+"""Train-state pieces that need no model: conditioning dropout, EMA, LR schedule, optimizer, sharding
+rule, micro-batch split, config presets and --config.key=value overrides."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ip2p_jax.train import dropout, parallel, state as st, step as sp
+from ip2p_jax.train.configs import ConfigOverrideError, apply_overrides, load_config, split_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "train.py")
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1])
+def test_dropout_rates(p):
+    n = 400_000
+    r = jax.random.uniform(jax.random.PRNGKey(1), (n,))
+    text, image = (np.asarray(m) for m in dropout.dropout_masks(r, p))
+    rates = {"text only": np.mean(text & ~image), "both": np.mean(text & image),
+             "image only": np.mean(~text & image), "neither": np.mean(~text & ~image)}
+    sigma = np.sqrt(p * (1 - p) / n)
+    for name in ("text only", "both", "image only"):
+        assert abs(rates[name] - p) < 5 * sigma, (name, rates[name], p)
+    assert abs(rates["neither"] - (1 - 3 * p)) < 5 * np.sqrt(3 * p * (1 - 3 * p) / n)
+
+
+def test_dropout_thresholds_are_the_authors():
+    r = jnp.array([0.0, 0.0499, 0.05, 0.0999, 0.1, 0.1499, 0.15, 0.9])
+    text, image = dropout.dropout_masks(r, 0.05)
+    assert np.asarray(text).tolist() == [True, True, True, True, False, False, False, False]
+    assert np.asarray(image).tolist() == [False, False, True, True, True, True, False, False]
+
+
+def test_dropped_inputs_are_null_embedding_and_zeros():
+    rng = np.random.default_rng(0)
+    b = 64
+    text = jnp.asarray(rng.standard_normal((b, 77, 8)), jnp.float32)
+    null = jnp.asarray(rng.standard_normal((1, 77, 8)), jnp.float32)
+    image = jnp.asarray(rng.standard_normal((b, 4, 4, 4)), jnp.float32)
+    r = jnp.asarray(rng.uniform(0, 0.3, b), jnp.float32)
+    t2, i2 = dropout.conditioning_dropout(r, 0.05, text, null, image)
+    drop_text, drop_image = (np.asarray(m) for m in dropout.dropout_masks(r, 0.05))
+    assert drop_text.any() and drop_image.any() and (~drop_text & ~drop_image).any()
+    for k in range(b):
+        np.testing.assert_array_equal(t2[k], null[0] if drop_text[k] else text[k])
+        np.testing.assert_array_equal(i2[k], np.zeros((4, 4, 4)) if drop_image[k] else image[k])
+
+
+def test_ema_warmup_and_update():
+    assert float(st.ema_decay(1, 0.9999)) == pytest.approx(2 / 11)
+    assert float(st.ema_decay(100, 0.9999)) == pytest.approx(101 / 110)
+    assert float(st.ema_decay(10**6, 0.9999)) == pytest.approx(0.9999)
+    ema = {"w": jnp.array([1.0, 2.0])}
+    new = st.ema_update(ema, {"w": jnp.array([3.0, 0.0])}, 1, 0.9999)
+    d = 2 / 11
+    np.testing.assert_allclose(new["w"], d * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, 0.0]), rtol=1e-6)
+
+
+def test_learning_rate_warmup_then_constant():
+    sched = st.learning_rate_schedule(st.OptimizerConfig(learning_rate=1e-4, warmup_steps=10))
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(5e-5)
+    assert float(sched(10)) == pytest.approx(1e-4) and float(sched(10_000)) == pytest.approx(1e-4)
+    assert float(st.learning_rate_schedule(st.OptimizerConfig(learning_rate=1e-4))(0)) == pytest.approx(1e-4)
+
+
+def test_optimizer_is_adamw_with_clipping():
+    cfg = st.OptimizerConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0)
+    tx = st.make_optimizer(cfg)
+    params = {"w": jnp.array([2.0, -1.0])}
+    grads = {"w": jnp.array([30.0, 40.0])}                    # norm 50 -> clipped to norm 1
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # first AdamW step: -lr * (g/|g| + wd * p) elementwise (bias-corrected m/sqrt(v) = sign(g))
+    np.testing.assert_allclose(updates["w"], -0.1 * (np.sign([30.0, 40.0]) + 0.5 * np.array([2.0, -1.0])),
+                               rtol=1e-4)
+
+
+def test_train_state_and_abstract_state_agree():
+    tx = st.make_optimizer(st.OptimizerConfig())
+    params = {"unet": {"k": np.ones((3, 4), np.float32)}}
+    s = st.create_train_state(params, tx, seed=3)
+    a = st.abstract_train_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), tx)
+    assert jax.tree.structure(s) == jax.tree.structure(a)
+    assert [x.shape for x in jax.tree.leaves(s)] == [x.shape for x in jax.tree.leaves(a)]
+    assert s.ema_params["unet"]["k"] is not s.params["unet"]["k"]
+
+
+def test_fsdp_spec_picks_largest_divisible_axis():
+    from jax.sharding import PartitionSpec as P
+
+    assert parallel.fsdp_spec((3, 3, 320, 640), 2, 0) == P(None, None, None, "fsdp")
+    assert parallel.fsdp_spec((7, 6), 2, 0) == P(None, "fsdp")
+    assert parallel.fsdp_spec((7,), 2, 0) == P()
+    assert parallel.fsdp_spec((1024,), 2, 10_000) == P()       # small arrays stay replicated
+    assert parallel.fsdp_spec((1024,), 1, 0) == P()
+
+
+def test_micro_batches_split_by_stride():
+    batch = {"x": jnp.arange(8)}
+    micro = sp.micro_batches(batch, 4)["x"]
+    assert micro.shape == (4, 2)
+    assert np.asarray(micro).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        sp.micro_batches(batch, 3)
+
+
+def test_step_config_validates():
+    with pytest.raises(ValueError, match="prediction_type"):
+        sp.StepConfig(prediction_type="x0")
+    with pytest.raises(ValueError, match="cond_dropout_prob"):
+        sp.StepConfig(cond_dropout_prob=0.5)
+
+
+def test_presets_load():
+    for preset, init in [("sd15", "runwayml/stable-diffusion-v1-5"), ("tiny", ""), ("shapes", "")]:
+        c = load_config(f"{CONFIG}:{preset}")
+        assert c.preset == preset and c.model.init == init
+    sd = load_config(f"{CONFIG}:sd15")
+    assert (sd.train.batch_size, sd.train.grad_accum, sd.optim.learning_rate, sd.train.ema_decay,
+            sd.train.cond_dropout_prob, sd.data.resolution) == (1024, 4, 1e-4, 0.9999, 0.05, 256)
+    with pytest.raises(ConfigOverrideError, match="unknown preset"):
+        load_config(f"{CONFIG}:nope")
+    with pytest.raises(ConfigOverrideError, match="no such file"):
+        load_config("nope.py:tiny")
+
+
+def test_overrides():
+    c = load_config(f"{CONFIG}:tiny")
+    ov, rest = split_overrides(["--workdir", "w", "--config.train.batch_size=64", "--config.model.remat",
+                                "--config.optim.learning_rate", "2e-4", "--config.model.init=/m",
+                                "--config.model.unet.block_out_channels=(32, 64)"])
+    assert rest == ["--workdir", "w"]
+    apply_overrides(c, ov)
+    assert c.train.batch_size == 64 and c.model.remat is True and c.optim.learning_rate == 2e-4
+    assert c.model.init == "/m" and tuple(c.model.unet.block_out_channels) == (32, 64)
+    with pytest.raises(ConfigOverrideError, match="did you mean train.batch_size"):
+        apply_overrides(c, ["--config.train.batch_sise=3"])
+    with pytest.raises(ConfigOverrideError, match="expected an integer"):
+        apply_overrides(c, ["--config.train.batch_size=1.5"])
+    with pytest.raises(ConfigOverrideError, match="boolean"):
+        apply_overrides(c, ["--config.model.remat=maybe"])
+
+
+def test_cli_parses_overrides():
+    from ip2p_jax import cli
+
+    args = cli.build_parser().parse_args(["train", "--config", "configs/train.py:tiny", "--config.train.num_steps=3",
+                                          "--workdir", "w", "--config.model.remat", "true"])
+    assert args.workdir == "w" and args.config == "configs/train.py:tiny"
+    assert args.config_overrides == ["--config.train.num_steps=3", "--config.model.remat=true"]
+
+
+def test_bad_batch_size_is_a_clear_error():
+    from ip2p_jax.train.loop import TrainingStopped, check_batch
+
+    c = load_config(f"{CONFIG}:tiny")
+    c.train.batch_size, c.train.grad_accum = 12, 4
+    with pytest.raises(TrainingStopped, match="multiple of grad_accum"):
+        check_batch(c, num_devices=2)
