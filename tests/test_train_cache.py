@@ -11,25 +11,18 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
 
 
 def worker(tmp: str, tok: str, out: str) -> None:
     import jax
-
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    from train import get_config
 
     from ip2p_jax.train import latent_cache as lc, step as sp
     from ip2p_jax.train.build import build
     from ip2p_jax.train.data import make_train_data, model_inputs
     from ip2p_jax.train.loop import train
 
-    c = get_config("tiny")
-    c.model.tokenizer, c.model.train_text_encoder = tok, False
-    c.log.tensorboard, c.export.at_end = False, False
+    c = tiny_config(tok, model__train_text_encoder=False, log__tensorboard=False, export__at_end=False)
     built = build(c)
     cache = os.path.join(tmp, "cache")
     info = lc.build_cache(c, cache, max_examples=16)
@@ -67,19 +60,18 @@ def worker(tmp: str, tok: str, out: str) -> None:
         json.dump(results, f)
 
 
+def _compute(tmp: str) -> dict:
+    out = os.path.join(tmp, "out.json")
+    proc = subprocess.run([sys.executable, __file__, tmp, tokenizer_dir(tmp), out], env=subprocess_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    import tiny
-
-    tmp = tmp_path_factory.mktemp("cache")
-    tok = str(tmp / "tok")
-    tiny.tokenizer_files(tok)
-    out = tmp / "out.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA)
-    proc = subprocess.run([sys.executable, __file__, str(tmp), tok, str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_once(tmp_path_factory, "cache", _compute)
 
 
 def test_cached_loss_equals_live_loss(result):

@@ -14,9 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
+
 FIRST, SECOND = 3, 5
 
 
@@ -26,13 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp, workdir: str, tok: str, mode: str, steps: int) -> list[dict]:
+def launch(tmp: str, workdir: str, tok: str, mode: str, steps: int) -> list[dict]:
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_XLA}")
+    env = subprocess_env(devices=2)
     procs, outs = [], []
     for i in range(2):
-        out = os.path.join(str(tmp), f"{mode}_{i}.json")
+        out = os.path.join(tmp, f"{mode}_{i}.json")
         outs.append(out)
         procs.append(subprocess.Popen([sys.executable, __file__, str(port), str(i), workdir, tok, mode, str(steps),
                                        out], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -43,17 +41,17 @@ def launch(tmp, workdir: str, tok: str, mode: str, steps: int) -> list[dict]:
     return [dict(json.load(open(o)), log=log) for o, log in zip(outs, logs)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    import tiny
-
-    tmp = tmp_path_factory.mktemp("multihost")
-    tok = str(tmp / "tok")
-    tiny.tokenizer_files(tok)
-    workdir = str(tmp / "run")
+def _compute(tmp: str) -> dict:
+    tok = tokenizer_dir(tmp)
+    workdir = os.path.join(tmp, "run")
     first = launch(tmp, workdir, tok, "pmap", FIRST)
     second = launch(tmp, workdir, tok, "jit", SECOND)
     return {"workdir": workdir, "first": first, "second": second, "tok": tok}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_once(tmp_path_factory, "multihost", _compute)
 
 
 def test_processes_read_disjoint_slices(runs):
@@ -99,13 +97,9 @@ def worker(port: int, index: int, workdir: str, tok: str, mode: str, steps: int,
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, index)
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    from train import get_config
-
     from ip2p_jax.train import loop
 
-    c = get_config("tiny")
-    c.model.tokenizer = tok
+    c = tiny_config(tok)
     c.train.num_steps = steps
     c.checkpoint.every_steps = 100
     c.log.tensorboard = False

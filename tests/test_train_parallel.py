@@ -13,29 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# Fast XLA:CPU compiles for tests (the train step compiles in seconds instead of a minute).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
+
 STEPS = 3
 # fp32 everywhere; the runs differ only in the order of floating-point sums (over devices and
-# micro-batches), ~1e-7 relative on gradients; after 3 AdamW steps (lr 1e-3) params agree to ~5e-7.
+# micro-batches), ~1e-7 relative on gradients; after 3 AdamW steps (lr 3e-3) params agree to ~1e-6.
 # Adam's eps is raised from 1e-8 to 1e-6 here: CLIP's k_proj bias has an exactly-zero gradient (softmax
 # ignores a constant added to every key), so its computed gradient is rounding noise (~1e-11) that
 # Adam with eps=1e-8 normalises into +-lr steps of arbitrary sign, different for every summation order.
 ATOL = 5e-6
-
-
-def tiny_config(tokenizer_dir: str, **train):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    from train import get_config
-
-    c = get_config("tiny")
-    c.model.tokenizer = tokenizer_dir
-    c.optim.eps = 1e-6
-    for k, v in train.items():
-        c.train[k] = v
-    return c
 
 
 def worker(out_path: str, tokenizer_dir: str) -> None:
@@ -46,7 +32,7 @@ def worker(out_path: str, tokenizer_dir: str) -> None:
     from ip2p_jax.train.build import build
     from ip2p_jax.train.data import make_train_data, model_inputs
 
-    config = tiny_config(tokenizer_dir)
+    config = tiny_config(tokenizer_dir, optim__eps=1e-6)
     built = build(config)
     ocfg = st.OptimizerConfig.from_mapping(config.optim)
     tx, sched = st.make_optimizer(ocfg), st.learning_rate_schedule(ocfg)
@@ -115,20 +101,18 @@ def worker(out_path: str, tokenizer_dir: str) -> None:
         json.dump(out, f)
 
 
+def _compute(folder: str) -> dict:
+    out = os.path.join(folder, "out.json")
+    proc = subprocess.run([sys.executable, __file__, out, tokenizer_dir(folder)], env=subprocess_env(devices=4),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    import tiny
-
-    tmp = tmp_path_factory.mktemp("parallel")
-    tok = str(tmp / "tok")
-    tiny.tokenizer_files(tok)
-    out = tmp / "out.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_XLA}")
-    proc = subprocess.run([sys.executable, __file__, str(out), tok], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_once(tmp_path_factory, "parallel", _compute)
 
 
 @pytest.mark.parametrize("name", ["pmap", "mesh", "accum"])

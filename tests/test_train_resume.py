@@ -19,23 +19,16 @@ import time
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+from train_helpers import CONFIG, HERE, ROOT, run_once, subprocess_env, tokenizer_dir
+
 STEPS, EVERY, KILL_SAVE_AT = 16, 5, 10
 
 
-def env_for(cache_dir: str) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA, PYTHONUNBUFFERED="1",
-                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def train_args(workdir: str, tok: str) -> list[str]:
-    return ["train", "--config", os.path.join(ROOT, "configs", "train.py") + ":tiny", "--workdir", workdir,
+def train_args(workdir: str, tok: str, tensorboard: bool = False) -> list[str]:
+    return ["train", "--config", CONFIG + ":tiny", "--workdir", workdir,
             f"--config.model.tokenizer={tok}", f"--config.train.num_steps={STEPS}",
             f"--config.checkpoint.every_steps={EVERY}", "--config.log.every_steps", "1",
-            "--config.data.num_examples=8"]
+            "--config.data.num_examples=8", f"--config.log.tensorboard={tensorboard}"]
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float, log: list) -> bool:
@@ -84,19 +77,14 @@ def read_state(workdir: str, step: int) -> dict:
         return m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    import tiny
-
-    tmp = tmp_path_factory.mktemp("resume")
-    tok = str(tmp / "tok")
-    tiny.tokenizer_files(tok)
-    env = env_for(str(tmp / "xla_cache"))
-    a, b = str(tmp / "a"), str(tmp / "b")
+def _compute(tmp: str) -> dict:
+    tok = tokenizer_dir(tmp)
+    env = subprocess_env(cache_dir=os.path.join(tmp, "xla_cache"))
+    a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
     logs = {"a": [], "b1": [], "b2": [], "b3": []}
     info = {"tmp": tmp, "tok": tok, "a": a, "b": b, "logs": logs, "env": env}
 
-    rc = finish(start(train_args(a, tok), env), logs["a"])
+    rc = finish(start(train_args(a, tok, tensorboard=True), env), logs["a"])
     assert rc == 0, "".join(logs["a"])[-4000:]
 
     # B1: SIGKILL while orbax is writing step KILL_SAVE_AT (the save is held open by a sleep).
@@ -121,10 +109,16 @@ def runs(tmp_path_factory):
     return info
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_once(tmp_path_factory, "resume", _compute)
+
+
 def test_loss_falls_when_overfitting(runs):
     rows = [json.loads(line) for line in open(os.path.join(runs["a"], "metrics.jsonl"))]
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(runs["a"], "tensorboard")))
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])
     assert last < 0.6 * first, losses
 
@@ -176,11 +170,12 @@ def test_export_command_rewrites_the_same_weights(runs, tmp_path):
 
 
 def test_export_loads_in_diffusers_and_editpipeline(runs):
-    out = runs["tmp"] / "export_check.json"
+    out = os.path.join(runs["tmp"], "export_check.json")
     proc = subprocess.run([sys.executable, __file__, "export-check", os.path.join(runs["a"], "export"), str(out)],
                           env=runs["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    with open(out) as f:
+        r = json.load(f)
     assert r["shape"] == [16, 16, 3]
     assert r["max_abs"] < 1e-2 and r["mean_abs"] < 1e-3, r
     assert r["changed"] > 0.01, r   # the edit did something

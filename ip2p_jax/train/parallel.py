@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from ip2p_jax.train.state import TrainState, abstract_train_state, create_train_state
+from ip2p_jax.train.state import TrainState, abstract_train_state, create_train_state, ravel_size
 from ip2p_jax.train.step import make_train_step
 
 MODES = ("pmap", "jit")
@@ -181,7 +181,7 @@ class MeshRunner:
     def init_state(self, params: Any, seed: int) -> TrainState:
         abstract = abstract_train_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32),
                                                      params), self.tx)
-        self._state_sh = self.shardings(abstract)
+        self._state_sh, self._flat_size = self.shardings(abstract), ravel_size(abstract.params)
         params = jax.device_put(params, self._state_sh.params)
         return jax.jit(lambda p: create_train_state(p, self.tx, seed), out_shardings=self._state_sh)(params)
 
@@ -196,8 +196,8 @@ class MeshRunner:
                             batch)
 
     def _compile(self):
-        step = make_train_step(self._models, self._step_cfg, self.tx, self._lr,
-                               grad_shardings=self._state_sh.params)
+        flat = NamedSharding(self.mesh, fsdp_spec((self._flat_size,), self.fsdp, self.min_size))
+        step = make_train_step(self._models, self._step_cfg, self.tx, self._lr, flat_sharding=flat)
         return jax.jit(step, in_shardings=(self._state_sh, self._frozen_sh, self.batch_sharding),
                        out_shardings=(self._state_sh, self.replicated), donate_argnums=(0,))
 
@@ -214,7 +214,7 @@ class MeshRunner:
 
     def restore_target(self, abstract_state):
         sh = self.shardings(abstract_state)
-        self._state_sh = sh
+        self._state_sh, self._flat_size = sh, ravel_size(abstract_state.params)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, sh)
 
     def from_global(self, state):

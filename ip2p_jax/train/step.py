@@ -28,7 +28,7 @@ from jax import lax
 
 from ip2p_jax.diffusion.schedules import add_noise
 from ip2p_jax.train.dropout import conditioning_dropout
-from ip2p_jax.train.state import TrainState, ema_update
+from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -130,39 +130,44 @@ def micro_batches(batch: dict, k: int) -> dict:
 
 def make_train_step(models: Models, cfg: StepConfig, tx: optax.GradientTransformation,
                     lr_schedule: Callable, axis_name: Optional[str] = None,
-                    grad_shardings: Any = None) -> Callable:
+                    flat_sharding: Any = None) -> Callable:
     """train_step(state, frozen, batch) -> (state, metrics).
 
     axis_name: the pmap axis to average gradients and metrics over (None under jit).
-    grad_shardings: optional shardings for the gradient accumulator (fsdp under jit).
+    flat_sharding: optional sharding of the flat gradient (= optimizer-state) vector (fsdp under jit):
+    gradients are reduce-scattered into it.
     frozen: {'vae', 'text_encoder' (frozen case), 'null_embedding' or 'null_ids', 'alphas_cumprod'}.
     """
     grad_fn = jax.value_and_grad(make_loss_fn(models, cfg))
 
-    def constrain(g):
-        return g if grad_shardings is None else lax.with_sharding_constraint(g, grad_shardings)
+    def flat_grad(params, frozen, batch, step_key):
+        loss, grads = grad_fn(params, frozen, batch, step_key)
+        g = ravel(grads)
+        return loss, (g if flat_sharding is None else lax.with_sharding_constraint(g, flat_sharding))
 
     def train_step(state: TrainState, frozen: dict, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
         k = cfg.grad_accum
         if k == 1:
-            loss, grads = grad_fn(state.params, frozen, batch, step_key)
-            grads = constrain(grads)
+            loss, flat_grads = flat_grad(state.params, frozen, batch, step_key)
         else:
             def body(carry, micro):
-                loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, frozen, micro, step_key)
-                return (loss_sum + loss, constrain(jax.tree.map(jnp.add, grad_sum, grads))), None
-            zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches(batch, k))
-            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+                loss, g = flat_grad(state.params, frozen, micro, step_key)
+                return (carry[0] + loss, carry[1] + g), None
+            flat_zeros = jnp.zeros(ravel_size(state.params), jnp.float32)
+            if flat_sharding is not None:
+                flat_zeros = lax.with_sharding_constraint(flat_zeros, flat_sharding)
+            (loss, flat_grads), _ = lax.scan(body, (jnp.zeros((), jnp.float32), flat_zeros),
+                                             micro_batches(batch, k))
+            loss, flat_grads = loss / k, flat_grads / k
         if axis_name is not None:
-            loss, grads = lax.pmean((loss, grads), axis_name)
+            loss, flat_grads = lax.pmean((loss, flat_grads), axis_name)
 
-        grad_norm = optax.global_norm(grads)
+        flat_params = ravel(state.params)
+        grad_norm = jnp.sqrt(jnp.sum(jnp.square(flat_grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(flat_grads, state.opt_state, flat_params)
+        params = unravel_like(flat_params + updates, state.params)
         n = state.updates + 1
         ema = ema_update(state.ema_params, params, n, cfg.ema_decay)
 
@@ -180,7 +185,7 @@ def make_train_step(models: Models, cfg: StepConfig, tx: optax.GradientTransform
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_state.params),
+            "param_norm": jnp.sqrt(jnp.sum(jnp.square(jnp.where(finite, flat_params + updates, flat_params)))),
             "learning_rate": lr_schedule(state.updates),
             "finite": finite.astype(jnp.int32),
             "nonfinite_run": new_state.nonfinite_run,
