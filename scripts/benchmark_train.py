@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Training throughput of ip2p_jax's train step on the real InstructPix2Pix architecture (SD 1.5 UNet with
+8 input channels, SD VAE, CLIP ViT-L/14 text encoder) with random weights: the step of `ip2p train`
+(VAE encode of both images, frozen text encoder, conditioning dropout, eps-MSE, AdamW on fp32 master
+params, EMA), bf16 compute, state donated, compiled once per batch size. One JSON line per batch size:
+
+  python scripts/benchmark_train.py [--tiny] [--res 256] [--batches 16,32,64] [--steps 10]
+        [--mode jit|pmap] [--fsdp 1] [--remat] [--dtype bf16|fp32] [--grad_accum 1] [--cached]
+
+--cached times the latent-cache path (VAE moments and text embeddings precomputed).
+Imports only jax/flax/optax/numpy and ip2p_jax's models and train step (no diffusers, ml_collections,
+grain or TFDS), so it runs beside shared/bench/peer_diffusers_train.py on a bare accelerator machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ip2p_jax.diffusion.schedules import TrainingSchedule  # noqa: E402
+from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from ip2p_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from ip2p_jax.train import parallel, state as st  # noqa: E402
+from ip2p_jax.train.build import random_params  # noqa: E402
+from ip2p_jax.train.step import Models, StepConfig  # noqa: E402
+
+SD15_UNET = dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77)
+# Measured with torch's FlopCounter on the SD 1.5 architecture (shared/docs/ip2p-reference.md):
+# UNet forward 172 GFLOP per example at 256^2; VAE encode 1082 GFLOP per image at 512^2 (x1/4 at 256^2).
+# A training step per example: UNet forward + backward (~3x forward) + two VAE encodes (+ CLIP, ~7 GFLOP).
+UNET_FWD_GFLOP_256, VAE_ENC_GFLOP_512, CLIP_GFLOP = 172.0, 1082.0, 6.7
+
+
+def analytic_gflop_per_example(res: int, cached: bool) -> float:
+    s = (res / 256) ** 2
+    unet = 3 * UNET_FWD_GFLOP_256 * s
+    return unet if cached else unet + 2 * VAE_ENC_GFLOP_512 * s / 4 + CLIP_GFLOP
+
+
+def build(args):
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    uc = UNetConfig.from_dict(TINY_UNET if args.tiny else SD15_UNET)
+    vc = VAEConfig.from_dict(TINY_VAE if args.tiny else SD_VAE)
+    tc = CLIPTextConfig.from_dict(TINY_CLIP if args.tiny else CLIP_L)
+    models = Models(unet=UNet2DConditionModel(uc, dtype=dtype, attention_impl=args.attention, remat=args.remat),
+                    vae=AutoencoderKL(vc, dtype=dtype, attention_impl=args.attention),
+                    text_encoder=CLIPTextModel(tc, dtype=dtype, attention_impl=args.attention))
+    from ip2p_jax.models import clip, unet, vae
+
+    t0 = time.perf_counter()
+    params = {"unet": random_params(unet.abstract_params(uc), 0)}
+    vae_p, text_p = random_params(vae.abstract_params(vc), 1), random_params(clip.abstract_params(tc), 2)
+    null = jax.jit(models.text_encoder.apply)({"params": text_p}, np.zeros((1, 77), np.int32))
+    frozen = {"vae": vae_p, "text_encoder": text_p, "null_embedding": np.asarray(null, np.float32),
+              "alphas_cumprod": TrainingSchedule().alphas_cumprod()}
+    if args.cached:
+        frozen = {k: v for k, v in frozen.items() if k not in ("vae", "text_encoder")}
+    info = {"init_s": round(time.perf_counter() - t0, 1),
+            "unet_params_m": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1)}
+    step_cfg = StepConfig(grad_accum=args.grad_accum, compute_dtype=dtype, scaling_factor=vc.scaling_factor)
+    return models, step_cfg, params, frozen, vc, tc, info
+
+
+def make_batch(args, b: int, vc, tc, rng) -> dict:
+    res = 64 if args.tiny else args.res
+    if args.cached:
+        f = 2 ** (len(vc.block_out_channels) - 1)
+        h = res // f
+        mom = lambda: np.concatenate([rng.standard_normal((b, h, h, vc.latent_channels)),  # noqa: E731
+                                      np.full((b, h, h, vc.latent_channels), -4.0)], -1).astype(np.float32)
+        return {"input_moments": mom(), "edited_moments": mom(),
+                "text_embedding": rng.standard_normal((b, 77, tc.hidden_size)).astype(np.float32)}
+    return {"input_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
+            "edited_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
+            "input_ids": rng.integers(0, tc.vocab_size, (b, 77)).astype(np.int32)}
+
+
+def peak_memory_gib():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2 ** 30, 2)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="small random models (CPU smoke run)")
+    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--batches", default="16,32,64", help="global batch sizes, ascending")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mode", default="jit", choices=["jit", "pmap"])
+    ap.add_argument("--fsdp", type=int, default=1)
+    ap.add_argument("--remat", action="store_true", help="gradient checkpointing of the UNet blocks")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    ap.add_argument("--grad_accum", type=int, default=1)
+    ap.add_argument("--cached", action="store_true", help="latent-cache path: no VAE / text encoder in the step")
+    args = ap.parse_args()
+
+    models, step_cfg, params, frozen, vc, tc, info = build(args)
+    ocfg = st.OptimizerConfig()
+    tx, sched = st.make_optimizer(ocfg), st.learning_rate_schedule(ocfg)
+    runner = parallel.make_runner(args.mode, models, step_cfg, tx, sched, fsdp=args.fsdp)
+    dev = jax.devices()[0]
+    head = {"bench": "ip2p_jax-train", "device": dev.device_kind, "devices": jax.device_count(),
+            "jax": jax.__version__, "mode": args.mode, "fsdp": args.fsdp, "dtype": args.dtype,
+            "remat": args.remat, "attention": args.attention, "grad_accum": args.grad_accum,
+            "cached": args.cached, "res": 64 if args.tiny else args.res, **info}
+    print(json.dumps(head), flush=True)
+    state = runner.init_state(params, 0)
+    frozen_dev = runner.put_frozen(frozen)
+    rng = np.random.default_rng(0)
+    for b in [int(x) for x in args.batches.split(",")]:
+        try:
+            batch = runner.put_batch(make_batch(args, b, vc, tc, rng))
+            t0 = time.perf_counter()
+            for _ in range(max(1, args.warmup)):
+                state, metrics = runner.step(state, frozen_dev, batch)
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = runner.step(state, frozen_dev, batch)
+            jax.block_until_ready((state, metrics))
+            dt = (time.perf_counter() - t0) / args.steps
+            loss = runner.scalars(metrics)["loss"]
+            tflops = analytic_gflop_per_example(head["res"], args.cached) * b / dt / 1e3
+            print(json.dumps({**head, "batch": b, "ms_per_step": round(dt * 1e3, 2),
+                              "examples_per_s": round(b / dt, 2), "peak_mem_gib": peak_memory_gib(),
+                              "est_tflops": round(tflops, 1),
+                              "est_tflops_per_device": round(tflops / jax.device_count(), 1),
+                              "warmup_s": round(compile_s, 1), "loss": round(float(loss), 4)}), flush=True)
+        except Exception as e:  # OOM on big batches: report and go on to the next
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            print(json.dumps({**head, "batch": b, "error": msg}), flush=True)
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            state = runner.init_state(params, 0)   # the failed step may have consumed the donated state
+
+
+if __name__ == "__main__":
+    main()
