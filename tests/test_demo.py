@@ -130,6 +130,7 @@ def encoded_run(tmp_path_factory, shapes_tfds):
     return work, base, shapes
 
 
+@pytest.mark.slow  # ~2 min of compiles on 2 cores; `make test-slow`
 def test_autoencoder_trainer_learns_and_resumes(tmp_path):
     """ip2p_jax.train.autoencoder on shapes crops: loss falls over a few steps; a rerun resumes."""
     from ip2p_jax.models.vae import VAEConfig
