@@ -62,6 +62,8 @@ def analytic_gflop_per_example(res: int, cached: bool) -> float:
 
 
 def build(args):
+    if args.dtype is None:  # bf16 where it is fast; XLA:CPU runs bf16 convolutions slowly
+        args.dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     uc = UNetConfig.from_dict(TINY_UNET if args.tiny else SD15_UNET)
     vc = VAEConfig.from_dict(TINY_VAE if args.tiny else SD_VAE)
@@ -115,7 +117,7 @@ def main():
     ap.add_argument("--mode", default="jit", choices=["jit", "pmap"])
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--remat", action="store_true", help="gradient checkpointing of the UNet blocks")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16, fp32 on CPU)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     ap.add_argument("--grad_accum", type=int, default=1)
     ap.add_argument("--cached", action="store_true", help="latent-cache path: no VAE / text encoder in the step")
@@ -126,7 +128,7 @@ def main():
     tx, sched = st.make_optimizer(ocfg), st.learning_rate_schedule(ocfg)
     runner = parallel.make_runner(args.mode, models, step_cfg, tx, sched, fsdp=args.fsdp)
     dev = jax.devices()[0]
-    head = {"bench": "ip2p_jax-train", "device": dev.device_kind, "devices": jax.device_count(),
+    head = {"bench": "ip2p_jax-train", "device": dev.device_kind, "tiny": args.tiny, "devices": jax.device_count(),
             "jax": jax.__version__, "mode": args.mode, "fsdp": args.fsdp, "dtype": args.dtype,
             "remat": args.remat, "attention": args.attention, "grad_accum": args.grad_accum,
             "cached": args.cached, "res": 64 if args.tiny else args.res, **info}
@@ -148,11 +150,11 @@ def main():
             jax.block_until_ready((state, metrics))
             dt = (time.perf_counter() - t0) / args.steps
             loss = runner.scalars(metrics)["loss"]
-            tflops = analytic_gflop_per_example(head["res"], args.cached) * b / dt / 1e3
+            tflops = None if args.tiny else analytic_gflop_per_example(head["res"], args.cached) * b / dt / 1e3
             print(json.dumps({**head, "batch": b, "ms_per_step": round(dt * 1e3, 2),
                               "examples_per_s": round(b / dt, 2), "peak_mem_gib": peak_memory_gib(),
-                              "est_tflops": round(tflops, 1),
-                              "est_tflops_per_device": round(tflops / jax.device_count(), 1),
+                              "est_tflops": tflops and round(tflops, 1),
+                              "est_tflops_per_device": tflops and round(tflops / jax.device_count(), 1),
                               "warmup_s": round(compile_s, 1), "loss": round(float(loss), 4)}), flush=True)
         except Exception as e:  # OOM on big batches: report and go on to the next
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__

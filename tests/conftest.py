@@ -3,8 +3,10 @@ import sys
 
 # Tests run on CPU in fp32; keep XLA from grabbing all threads' memory on small machines.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))  # `import tiny`
+from train_helpers import FAST_XLA  # noqa: E402
+
 # Tests compare numbers, not speed: unoptimised XLA compiles several times faster on CPU.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", FAST_XLA)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))  # `import tiny`

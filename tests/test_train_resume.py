@@ -5,6 +5,7 @@ run B: killed with SIGKILL while saving step 10 -> the step-10 save is incomplet
        restarted -> resumes from 5, stopped with SIGTERM -> saves where it stopped;
        restarted -> resumes, finishes at 16 with the same train state as run A, bit for bit.
 The export loads in diffusers and in EditPipeline with the same edits; `ip2p export` rewrites it.
+(slow) Sample edits of the validation pairs from the EMA weights reach TensorBoard.
 """
 from __future__ import annotations
 
@@ -70,10 +71,13 @@ def steps_on_disk(workdir: str) -> tuple[list[int], list[str]]:
 
 
 def read_state(workdir: str, step: int) -> dict:
+    import warnings
+
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as m, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
         return m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
 
 
@@ -137,6 +141,24 @@ def test_sigterm_saves_and_stops(runs):
     assert 12 < stopped < STEPS and not other, runs["after_term"]      # tmp folder of step 10 cleaned up
     assert any("stop requested" in line for line in runs["logs"]["b2"])
     assert any(f"checkpoints/{stopped}" in line for line in runs["logs"]["b3"])
+
+
+@pytest.mark.slow   # an EditPipeline compile in one more training process; `make test-slow`
+def test_sample_edits_logged(runs, tmp_path):
+    """Continue run A by two steps with sample edits of the validation pairs from the EMA weights."""
+    import shutil
+
+    work = str(tmp_path / "a")
+    shutil.copytree(runs["a"], work)
+    log = []
+    args = train_args(work, runs["tok"], tensorboard=True)
+    args = [a for a in args if not a.startswith("--config.train.num_steps")]
+    rc = finish(start(args + [f"--config.train.num_steps={STEPS + 2}", "--config.log.sample_every_steps=1"],
+                      runs["env"]), log)
+    assert rc == 0, "".join(log)[-4000:]
+    folder = os.path.join(work, "tensorboard")
+    events = b"".join(open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder))
+    assert b"samples/0" in events and b"samples/1" in events
 
 
 def test_resumed_run_equals_uninterrupted(runs):

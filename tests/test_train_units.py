@@ -162,3 +162,65 @@ def test_bad_batch_size_is_a_clear_error():
     c.train.batch_size, c.train.grad_accum = 12, 4
     with pytest.raises(TrainingStopped, match="multiple of grad_accum"):
         check_batch(c, num_devices=2)
+
+
+@pytest.fixture(scope="module")
+def sd_and_ip2p_folders(tmp_path_factory):
+    """A tiny 4-channel Stable Diffusion folder and a tiny 8-channel InstructPix2Pix folder."""
+    import tempfile
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    import tiny
+
+    tmp = tmp_path_factory.mktemp("init")
+    tok = tiny.tokenizer(tempfile.mkdtemp(prefix="tok_"))
+    sd = StableDiffusionPipeline(vae=tiny.vae(1), text_encoder=tiny.text_encoder(len(tok), 1), tokenizer=tok,
+                                 unet=tiny.unet(4, seed=1), scheduler=DDIMScheduler(), safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    sd.save_pretrained(str(tmp / "sd"))
+    return str(tmp / "sd"), tiny.save_pipeline(str(tmp / "ip2p"), seed=2)
+
+
+def test_init_from_sd_widens_conv_in_and_from_ip2p_continues(sd_and_ip2p_folders):
+    from ip2p_jax.train.build import build
+    from ip2p_jax.weights import load
+
+    sd_dir, ip2p_dir = sd_and_ip2p_folders
+    c = load_config(f"{CONFIG}:tiny")
+    c.model.init, c.model.train_text_encoder = sd_dir, False
+    built = build(c)
+    src = load(sd_dir)
+    k = built.params["unet"]["conv_in"]["kernel"]
+    assert built.unet_config.in_channels == 8 and k.shape[2] == 8
+    np.testing.assert_array_equal(k[:, :, :4], src.unet_params["conv_in"]["kernel"])
+    assert not np.any(k[:, :, 4:])
+    np.testing.assert_array_equal(built.params["unet"]["conv_in"]["bias"], src.unet_params["conv_in"]["bias"])
+    assert any("widened to 8" in n for n in built.notes)
+    assert built.frozen["null_embedding"].shape == (1, 77, 32) and "text_encoder" not in built.params
+
+    c.model.init = ip2p_dir
+    built = build(c)
+    src = load(ip2p_dir)
+    for a, b in zip(jax.tree.leaves(built.params["unet"]), jax.tree.leaves(src.unet_params)):
+        np.testing.assert_array_equal(a, b)
+    assert any("continuing" in n for n in built.notes)
+
+
+def test_tfds_source_feeds_the_step_inputs(tmp_path):
+    """config.data.source=tfds: the run's stream gives this host's batch of [-1, 1] images and token ids."""
+    import data_helpers
+    import tiny
+    from ip2p_jax.data.builder import build_dataset
+    from ip2p_jax.train.data import make_train_data, model_inputs
+
+    data_helpers.write_jsonl(str(tmp_path / "src"), n=40, size=32)
+    build_dataset("jsonl", str(tmp_path / "src"), str(tmp_path / "tfds"), name="pairs", workers=1, progress=False)
+    c = load_config(f"{CONFIG}:tiny")
+    c.data.source, c.data.path, c.data.name, c.data.split = "tfds", str(tmp_path / "tfds"), "pairs", "train"
+    c.data.resolution, c.data.min_resize, c.data.max_resize = 16, 16, 24
+    batch = model_inputs(next(make_train_data(c, tiny.tokenizer(str(tmp_path / "tok")))))
+    assert sorted(batch) == ["edited_image", "input_ids", "input_image"]
+    assert batch["input_image"].shape == batch["edited_image"].shape == (8, 16, 16, 3)
+    assert batch["input_image"].min() >= -1 and batch["input_image"].max() <= 1
+    assert batch["input_ids"].shape == (8, 77) and batch["input_ids"].dtype == np.int32

@@ -47,11 +47,13 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, n
                    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
 
 # diffusers UNet2DConditionModel config: 8 input channels (noisy + image latents), 16x16 latents.
+# Attention only at 8x8 and 4x4 (and the mid block), 2 heads (diffusers' attention_head_dim is the
+# head count here): on CPU this trains ~3x faster per step than attention at 16x16 with 8 heads of 4.
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // 4, in_channels=8, out_channels=4, layers_per_block=1,
-    block_out_channels=[32, 64, 64], norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    block_out_channels=[32, 64, 64], norm_num_groups=8, cross_attention_dim=64, attention_head_dim=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
 
 SCHEDULER_CONFIG = {
     "_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -238,7 +240,7 @@ def encode_pairs(workdir: str, data_dir: str, name: str = "shapes", split: str =
 class EditorTrainConfig:
     steps: int = 20000
     batch_size: int = 64
-    learning_rate: float = 5e-4
+    learning_rate: float = 8e-4
     warmup_steps: int = 200
     weight_decay: float = 1e-2
     ema_decay: float = 0.999
@@ -312,8 +314,7 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
         print(f"editor: resumed from {path} at step {int(state.step)}", flush=True)
     step_cfg = StepConfig(cond_dropout_prob=cfg.cond_dropout_prob, ema_decay=cfg.ema_decay,
                           scaling_factor=base["vae"]["scaling_factor"])
-    # No buffer donation: create_train_state shares one zero scalar between its counters.
-    step_fn = jax.jit(make_train_step(Models(unet=unet, text_encoder=text), step_cfg, tx, lr))
+    step_fn = jax.jit(make_train_step(Models(unet=unet, text_encoder=text), step_cfg, tx, lr), donate_argnums=0)
 
     def save():
         tmp = f"{path}.tmp-{os.getpid()}"

@@ -154,8 +154,9 @@ class MetricLog:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps({"step": step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n")
         eta_s = _fmt_time(eta) if np.isfinite(eta) else "?"
+        rate_s = f"{rate:.1f}" if np.isfinite(rate) else "?"
         _say(f"step {step}/{self.total}  loss {avg['loss']:.4f}  grad {avg['grad_norm']:.3f}  "
-             f"lr {self.last['learning_rate']:.2e}  {rate:.1f} ex/s  ETA {eta_s}")
+             f"lr {self.last['learning_rate']:.2e}  {rate_s} ex/s  ETA {eta_s}")
         self.window, self.t_last, self.last_logged = [], now, step
 
 
@@ -216,6 +217,8 @@ class Sampler:
 
 def _validation_batch(config, tokenizer, n: int) -> dict:
     """The first n examples of the validation stream (the same on every host)."""
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = n
     data = make_train_data(config, tokenizer, split=config.data.validation_split, validation=True,
                            process=(0, 1))
     try:
@@ -280,9 +283,12 @@ def train(config, workdir: str) -> RunResult:
                 if preempted or step == t.num_steps or step % max(1, k.every_steps) == 0:
                     ckpt.save(step, runner.to_global(state), data_state, force=True)
                 if sample_every and step % sample_every == 0:
-                    if sampler is None:
-                        sampler = Sampler(config, built, writer)
-                    sampler(step, runner.to_global(state).ema_params)
+                    if config.data.source == "latent_cache":
+                        _say("log.sample_every_steps: sample edits need images; a latent_cache run has none")
+                        sample_every = 0
+                    else:
+                        sampler = sampler or Sampler(config, built, writer)
+                        sampler(step, runner.to_global(state).ema_params)
                 if preempted:
                     _say(f"stop requested: checkpoint written at step {step}")
                     break

@@ -54,10 +54,6 @@ def fetch(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
-def _replicated_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("all",))
-
-
 class PmapRunner:
     """Pure data parallel: pmap over local devices; the global batch is split over all devices."""
 
@@ -105,28 +101,34 @@ class PmapRunner:
     def scalars(self, metrics: dict) -> dict:
         return {k: np.asarray(v.addressable_data(0)).reshape(-1)[0].item() for k, v in metrics.items()}
 
-    # --- checkpoints: the replicated stack <-> one global array replicated over all devices ---
+    # --- checkpoints: the replicated stack <-> one copy per host (a global array on each host's first device) ---
+    @staticmethod
+    def _host_sharding() -> NamedSharding:
+        firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+                  for p in range(jax.process_count())]
+        return NamedSharding(Mesh(np.asarray(firsts), ("hosts",)), P())
+
     def to_global(self, state):
-        # One compiled call drops the device axis, leaving each leaf replicated over the local devices;
-        # with several hosts those replicas are then joined into one array over all devices.
+        # Device 0's replica, without its leading axis, in one compiled call on that device (no copy on the
+        # others); with several hosts, those copies form one array replicated over each host's first device.
+        first = min(self.devices, key=lambda d: d.id)
+        replica = jax.tree.map(lambda x: next(s.data for s in x.addressable_shards if s.device == first), state)
         if self._unstack is None:
-            self._unstack = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t),
-                                    out_shardings=NamedSharding(self.local_mesh, P()))
-        local = self._unstack(state)
+            self._unstack = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t))
+        local = self._unstack(replica)
         if jax.process_count() == 1:
             return local
-        sharding = NamedSharding(_replicated_mesh(), P())
-        return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-            x.shape, sharding, [s.data for s in x.addressable_shards]), local)
+        sharding = self._host_sharding()
+        return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(x.shape, sharding, [x]), local)
 
     def restore_target(self, abstract_state):
-        sh = NamedSharding(_replicated_mesh(), P())
+        sh = self._host_sharding()
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state)
 
     def from_global(self, state):
         def stack(x):
-            by_device = {s.device: s.data for s in x.addressable_shards}
-            shards = [jax.device_put(by_device[d][None], d) for d in self.devices]
+            one = x.addressable_shards[0].data
+            shards = [jax.device_put(one[None], d) for d in self.devices]
             return jax.make_array_from_single_device_arrays((self.n,) + x.shape, self.stacked, shards)
         return jax.tree.map(stack, state)
 

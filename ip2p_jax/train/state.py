@@ -103,11 +103,11 @@ def ema_update(ema: Any, params: Any, num_updates: jax.Array, decay: float) -> A
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state; the EMA starts as a copy of the params (distinct buffers, so the state can be donated)."""
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer per counter: donation needs distinct buffers)
     return TrainState(
-        step=zero, updates=zero, params=params, opt_state=tx.init(ravel(params)),
+        step=zero(), updates=zero(), params=params, opt_state=tx.init(ravel(params)),
         ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed),
-        nonfinite_run=zero, nonfinite_total=zero)
+        nonfinite_run=zero(), nonfinite_total=zero())
 
 
 def abstract_train_state(abstract_params: Any, tx: optax.GradientTransformation) -> TrainState:

@@ -72,11 +72,14 @@ def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: d
         edited_mean, edited_logvar = jnp.split(batch["edited_moments"].astype(jnp.float32), 2, axis=-1)
         image_latents = jnp.split(batch["input_moments"].astype(jnp.float32), 2, axis=-1)[0]
     else:
-        # one encoder pass over both images (per-example ops: the same numbers as two passes)
-        both = jnp.concatenate([batch["edited_image"], batch["input_image"]], axis=0)
+        # One encoder pass over both images (per-example ops: the same numbers as two passes). Rows are
+        # interleaved (edited_0, input_0, edited_1, ...) so a batch-sharded array splits without moving data.
+        edited, source = batch["edited_image"], batch["input_image"]
+        both = jnp.stack([edited, source], axis=1).reshape((-1,) + edited.shape[1:])
         mean, logvar = models.vae.apply({"params": frozen["vae"]}, both, method=models.vae.encode)
-        n = batch["edited_image"].shape[0]
-        edited_mean, edited_logvar, image_latents = mean[:n], logvar[:n], mean[n:]
+        pair = lambda x: x.reshape((edited.shape[0], 2) + x.shape[1:])  # noqa: E731
+        mean, logvar = pair(mean), pair(logvar)
+        edited_mean, edited_logvar, image_latents = mean[:, 0], logvar[:, 0], mean[:, 1]
     eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(post_keys, edited_mean)
     latents = (edited_mean + jnp.exp(0.5 * edited_logvar) * eps) * cfg.scaling_factor
 
