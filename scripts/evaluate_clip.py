@@ -119,18 +119,16 @@ def read_jsonl(path: str, num: int | None = None) -> list[dict]:
 
 def read_tfds(path: str, name: str | None, split: str, num: int | None = None) -> list[dict]:
     """Examples from a built TFDS edit-pairs dataset (ip2p_jax.data.builder.open_dataset)."""
-    import tensorflow_datasets as tfds
     from PIL import Image
 
     from ip2p_jax import images as imlib
-    from ip2p_jax.data.builder import open_dataset
+    from ip2p_jax.data.builder import encoded_source, open_dataset
 
     builder = open_dataset(path, name)
     where = builder.data_dir
     if split not in builder.info.splits:
         raise ExampleError(f"{where}: no split {split!r} (it has: {', '.join(sorted(builder.info.splits))})")
-    source = builder.as_data_source(split, decoders={"input_image": tfds.decode.SkipDecoding(),
-                                                     "edited_image": tfds.decode.SkipDecoding()})
+    source = encoded_source(builder, split)
     n = len(source) if num is None else min(num, len(source))
     if n == 0:
         raise ExampleError(f"{where}: split {split!r} is empty")

@@ -12,7 +12,7 @@ from PIL import Image
 
 import edit_fixtures as fx
 import tiny
-from train_helpers import FAST_XLA
+from train_helpers import subprocess_env
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCALES_T, SCALES_I = [7.5, 3.0, 10.0], [1.5, 1.2, 2.0]
@@ -152,10 +152,7 @@ def test_bad_requests_are_clear(pipe):
 
 MULTI_DEVICE = textwrap.dedent("""
     import os, sys
-    # fast-compile flags (see train_helpers.FAST_XLA); XLA's own passes (and results) are unchanged
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 {FAST_XLA}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
+    import jax   # 4 CPU devices and fast-compile flags from the environment (train_helpers.subprocess_env)
     assert jax.device_count() == 4, jax.devices()
     import numpy as np
     from ip2p_jax import sharding
@@ -179,9 +176,9 @@ MULTI_DEVICE = textwrap.dedent("""
 
 def test_four_devices_match_one(model_dir, batched, tmp_path):
     script = tmp_path / "multi.py"
-    script.write_text(MULTI_DEVICE.replace("{FAST_XLA}", FAST_XLA))
+    script.write_text(MULTI_DEVICE)
     out = tmp_path / "out.npz"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env(devices=4)
     proc = subprocess.run([sys.executable, str(script), model_dir, str(out), str(tmp_path / "xla_cache"),
                            os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -364,6 +364,12 @@ def open_dataset(path: str, name: str | None = None):
     return tfds.builder_from_directory(version_dir)
 
 
+def encoded_source(builder, split: str):
+    """Random-access records of `split` with the images left as their encoded bytes (no TensorFlow
+    decoding; readers decode with PIL)."""
+    return builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in IMAGE_FEATURES})
+
+
 def read_prompt_hashes(builder, split: str) -> np.ndarray:
     """uint64 prompt hash of each record of `split`, in record order."""
     path = prompt_hash_file(builder.data_dir, split)

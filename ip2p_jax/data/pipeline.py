@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ip2p_jax.data import augment as aug
-from ip2p_jax.data.builder import IMAGE_FEATURES, open_dataset, read_prompt_hashes
+from ip2p_jax.data.builder import IMAGE_FEATURES, encoded_source, open_dataset, read_prompt_hashes
 from ip2p_jax.data.tokenize import MAX_LENGTH, fast_tokenizer, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,7 @@ class EditPairPipeline:
         if not 0 <= cfg.seed < 2**32:
             raise PipelineError(f"seed must be in [0, 2**32), got {cfg.seed}")
         self.local_batch_size = cfg.global_batch_size // self.process_count
-        import tensorflow_datasets as tfds
-
-        self.source = self.builder.as_data_source(
-            cfg.split, decoders={k: tfds.decode.SkipDecoding() for k in IMAGE_FEATURES})
+        self.source = encoded_source(self.builder, cfg.split)
         self.groups = prompt_groups(read_prompt_hashes(self.builder, cfg.split)) if cfg.one_seed_per_prompt else None
         self.num_units = len(self.groups[1]) - 1 if self.groups is not None else len(self.source)
         if self.num_units < cfg.global_batch_size:

@@ -191,10 +191,9 @@ def encode_pairs(workdir: str, data_dir: str, name: str = "shapes", split: str =
     (concat of posterior mean and logvar), input_ids (N, 77) int32, instruction (N,) str."""
     import jax
     import jax.numpy as jnp
-    import tensorflow_datasets as tfds
     from tqdm.auto import tqdm
 
-    from ip2p_jax.data.builder import open_dataset
+    from ip2p_jax.data.builder import encoded_source, open_dataset
     from ip2p_jax.data.tokenize import tokenize
     from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -203,8 +202,7 @@ def encode_pairs(workdir: str, data_dir: str, name: str = "shapes", split: str =
     params = load_vae_params(workdir)
     tokenizer = make_tokenizer(workdir)
     builder = open_dataset(data_dir, name)
-    skip = {k: tfds.decode.SkipDecoding() for k in ("input_image", "edited_image")}
-    source = builder.as_data_source(split, decoders=skip)
+    source = encoded_source(builder, split)
     n = len(source) if max_examples is None else min(max_examples, len(source))
     model = AutoencoderKL(cfg)
     encode = jax.jit(lambda p, x: jnp.concatenate(model.apply({"params": p}, x, method=model.encode), axis=-1))
