@@ -58,6 +58,8 @@ def base() -> ml_collections.ConfigDict:
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 1e-4
     o.warmup_steps = 0
+    o.decay_start = 0         # with decay_steps > 0: linear cool-down to 0 from this step
+    o.decay_steps = 0
     o.weight_decay = 1e-2
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
     o.max_grad_norm = 1.0     # 0 = no clipping

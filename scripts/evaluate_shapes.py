@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     from ip2p_jax.datagen.shapes.render import RESOLUTIONS
+    from ip2p_jax.diffusion.samplers import SAMPLERS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder or checkpoint EditPipeline.from_pretrained reads")
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--text-scale", type=float, default=7.5)
     p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--sampler", default="euler_a", choices=SAMPLERS)
     p.add_argument("--batch-size", type=int, default=None, help="edits per compiled call (pipeline default)")
     p.add_argument("--resolution", type=int, default=64, choices=RESOLUTIONS)
     p.add_argument("--exclude", default=None, help="prompts JSONL (training) whose captions to leave out")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
 
     def edit_fn(images, instructions):
         result = pipe.edit(images, instructions, steps=args.steps, text_scale=args.text_scale,
-                           image_scale=args.image_scale, seed=args.seed, resolution=args.resolution,
+                           image_scale=args.image_scale, sampler=args.sampler, seed=args.seed, resolution=args.resolution,
                            batch_size=args.batch_size, progress=not args.no_progress)
         return result.images
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     print(format_table({m: aggregate(rows) for m, rows in scores.items()}))
     out = summary(scores)
     out["settings"] = {k: getattr(args, k) for k in
-                       ("model", "num", "seed", "steps", "text_scale", "image_scale", "resolution")}
+                       ("model", "num", "seed", "steps", "sampler", "text_scale", "image_scale", "resolution")}
     print(json.dumps(out))
     return 0
 

@@ -69,6 +69,15 @@ def test_learning_rate_warmup_then_constant():
     assert float(st.learning_rate_schedule(st.OptimizerConfig(learning_rate=1e-4))(0)) == pytest.approx(1e-4)
 
 
+def test_learning_rate_cool_down_after_constant():
+    cfg = st.OptimizerConfig(learning_rate=1e-4, warmup_steps=10, decay_start=100, decay_steps=50)
+    sched = st.learning_rate_schedule(cfg)
+    assert float(sched(5)) == pytest.approx(5e-5) and float(sched(100)) == pytest.approx(1e-4)
+    assert float(sched(125)) == pytest.approx(5e-5) and float(sched(150)) == 0.0 and float(sched(10**4)) == 0.0
+    with pytest.raises(ValueError, match="decay_start"):
+        st.learning_rate_schedule(st.OptimizerConfig(warmup_steps=10, decay_start=5, decay_steps=5))
+
+
 def test_optimizer_is_adamw_with_clipping():
     cfg = st.OptimizerConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0)
     tx = st.make_optimizer(cfg)

@@ -240,6 +240,8 @@ class EditorTrainConfig:
     batch_size: int = 64
     learning_rate: float = 8e-4
     warmup_steps: int = 200
+    decay_start: int = 0          # with decay_steps > 0: linear cool-down of the rate to 0 from here
+    decay_steps: int = 0
     weight_decay: float = 1e-2
     ema_decay: float = 0.999
     cond_dropout_prob: float = 0.05
@@ -302,6 +304,7 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
                                             jnp.zeros((1, 77, text_cfg.hidden_size)))["params"])(k_unet),
         "text_encoder": jax.jit(lambda k: text.init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k_text)}
     opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                              decay_start=cfg.decay_start, decay_steps=cfg.decay_steps,
                               weight_decay=cfg.weight_decay)
     tx, lr = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
     state = create_train_state(params, tx, cfg.seed)

@@ -34,6 +34,8 @@ class TrainState:
 class OptimizerConfig:
     learning_rate: float = 1e-4
     warmup_steps: int = 0          # linear warm-up from 0 to learning_rate, then constant
+    decay_start: int = 0           # with decay_steps > 0: from this step, linear cool-down to 0
+    decay_steps: int = 0           # over this many steps (warmup-stable-decay); 0 = no cool-down
     weight_decay: float = 1e-2     # torch.optim.AdamW's default, as the authors' optimizer
     b1: float = 0.9
     b2: float = 0.999
@@ -47,9 +49,20 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """Warm-up, constant, then (optionally) a linear cool-down to 0. The cool-down can be
+    decided late: a run resumed from a constant-rate checkpoint with decay_start at or after
+    its step continues exactly as before until decay_start."""
+    if cfg.decay_steps < 0 or (cfg.decay_steps > 0 and cfg.decay_start < cfg.warmup_steps):
+        raise ValueError(f"decay_steps must be >= 0 and decay_start >= warmup_steps, got decay_start="
+                         f"{cfg.decay_start}, decay_steps={cfg.decay_steps}, warmup_steps={cfg.warmup_steps}")
     if cfg.warmup_steps > 0:
-        return optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-    return optax.constant_schedule(cfg.learning_rate)
+        sched = optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    else:
+        sched = optax.constant_schedule(cfg.learning_rate)
+    if cfg.decay_steps > 0:
+        cool = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.decay_steps)
+        sched = optax.join_schedules([sched, cool], [cfg.decay_start])
+    return sched
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

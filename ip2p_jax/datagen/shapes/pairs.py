@@ -8,10 +8,8 @@ authors' on-disk layout.
     <out>/seeds.json                               sorted [[dir_name, [seeds...]], ...]
 
 Both images of a pair are rendered from the same seed, so unchanged objects sit
-at the same pixels. A prompt dir is written as ``<out>/.partial/<name>-<pid>``
-and renamed into place when complete: an existing 7-digit dir is finished, a
-rerun skips it, and a killed run leaves only a dir under ``.partial/`` (which
-no reader of the layout looks into) that the next run removes.
+at the same pixels. Prompt dirs are written atomically (see ip2p_jax.datagen.layout): a rerun
+skips finished dirs and a killed run loses nothing finished.
 """
 
 from __future__ import annotations
@@ -19,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import re
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -30,15 +25,15 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..layout import (PROMPT_KEYS, collect_seeds, dir_name, finish,  # noqa: F401
+                      is_finished, remove_empty_partial_root, remove_stale_partial_dirs,
+                      staged_prompt_dir)
+from ..layout import read_prompts as _read_prompts
 from .caption import parse_caption
 from .render import DEFAULT_RESOLUTION, render_array
 from .world import Edit, Layout, Obj, Scene, SceneError, apply_edit, diff_scenes
 
 JPEG_QUALITY = 95
-PROMPT_KEYS = ("input", "edit", "output")
-_DIR_RE = re.compile(r"^\d{7}$")
-_PARTIAL = ".partial"
-_PARTIAL_RE = re.compile(r"^(\d{7})-(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,68 +97,16 @@ def sample_seeds(base_seed: int, prompt_index: int, k: int) -> list[int]:
 
 
 def read_prompts(path) -> list[dict]:
-    """The lines of a prompts JSONL file; a bad line raises naming file and line."""
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SceneError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(d, dict) or any(not isinstance(d.get(k), str) for k in PROMPT_KEYS):
-                raise SceneError(f"{path}:{n}: a prompt line needs text keys {PROMPT_KEYS}")
-            prompts.append(d)
-    return prompts
-
-
-def dir_name(index: int) -> str:
-    return f"{index:07d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partial_dirs(out: Path) -> int:
-    """Delete ``.partial/<name>-<pid>`` dirs whose writer process is gone."""
-    n = 0
-    for p in (out / _PARTIAL).glob("*"):
-        m = _PARTIAL_RE.match(p.name)
-        if m and p.is_dir() and (int(m[2]) == os.getpid() or not _pid_alive(int(m[2]))):
-            shutil.rmtree(p)
-            n += 1
-    return n
+    """The lines of a prompts JSONL file; a bad line raises SceneError naming file and line."""
+    return _read_prompts(path, error=SceneError)
 
 
 def write_prompt_dir(out: Path, index: int, prompt: dict, seeds: list[int],
                      resolution: int = DEFAULT_RESOLUTION, quality: int = JPEG_QUALITY) -> bool:
     """Write one finished prompt dir; return False if it already existed."""
-    final = out / dir_name(index)
-    if final.exists():
-        have = json.loads((final / "prompt.json").read_text())
-        if have != prompt:
-            raise SceneError(f"{final} holds a different prompt ({have.get('edit')!r}, not "
-                             f"{prompt.get('edit')!r}); use a fresh --out for a new prompts file")
+    if is_finished(out, index, prompt, error=SceneError):
         return False
-    tmp = out / _PARTIAL / f"{dir_name(index)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_prompt_dir(out, index, prompt) as tmp:
         meta = []
         for seed in seeds:
             ex = make_example(prompt, seed, resolution)
@@ -171,27 +114,12 @@ def write_prompt_dir(out: Path, index: int, prompt: dict, seeds: list[int],
                 img.save(tmp / f"{seed}_{k}.jpg", quality=quality, subsampling=0)
             meta.append(json.dumps(ex.metadata()))
         (tmp / "metadata.jsonl").write_text("\n".join(meta) + "\n")
-        (tmp / "prompt.json").write_text(json.dumps(prompt))
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return True
 
 
 def _write_job(job):
     out, index, prompt, seeds, resolution, quality = job
     return write_prompt_dir(Path(out), index, prompt, seeds, resolution, quality)
-
-
-def collect_seeds(out: Path) -> list:
-    """``seeds.json`` content: sorted [[dir_name, [seeds...]]] of all finished dirs."""
-    entries = []
-    for p in sorted(out.iterdir()):
-        if _DIR_RE.match(p.name) and p.is_dir():
-            lines = (p / "metadata.jsonl").read_text().splitlines()
-            entries.append([p.name, sorted(json.loads(l)["seed"] for l in lines if l.strip())])
-    return entries
 
 
 @dataclasses.dataclass
@@ -230,10 +158,6 @@ def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-        try:
-            (out / _PARTIAL).rmdir()  # only if empty (no other writer busy)
-        except OSError:
-            pass
-    entries = collect_seeds(out)
-    _atomic_write_text(out / "seeds.json", json.dumps(entries))
+        remove_empty_partial_root(out)
+    entries = finish(out)
     return WriteStats(written, skipped, sum(len(s) for _, s in entries))

@@ -1,0 +1,247 @@
+"""Sampling every prompt's candidate pairs, CLIP-filtering them and writing the authors' layout.
+
+Work is streamed in fixed-size batches of pairs across prompt boundaries (one compiled
+function serves the whole run); batch k+1 is started before batch k is scored and written,
+so the host work overlaps the device work. A prompt dir is written once all its candidates
+are scored, atomically (ip2p_jax.datagen.layout): a rerun skips finished prompts and a kill
+loses nothing finished. Everything random is a function of (--seed, prompt index), so a resumed
+or partitioned run writes what one uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ip2p_jax import sharding
+from ip2p_jax.datagen import layout
+from ip2p_jax.datagen.image_pairs.clip_filter import ClipFilter, pair_scores, select
+from ip2p_jax.datagen.image_pairs.sampler import PairSampler, injected_steps
+
+SEED_SPACE = 2 ** 32           # the authors draw seeds with torch.randint(1 << 32)
+RUN_FILE = "generation.json"   # settings of the run that writes <out>, checked on resume
+PAIRS_PER_DEVICE = 4           # default pairs per compiled call (16 UNet rows)
+_SEED_STREAM = 0x9A1F          # separates the candidate-seed stream from other uses of the base seed
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSettings:
+    """Defaults are the authors' generate_img_dataset.py (their README suggests steps=25 for speed)."""
+
+    steps: int = 100
+    samples_per_prompt: int = 100        # candidates sampled per prompt before the filter
+    keep: int = 4                        # at most this many pairs kept per prompt
+    resolution: int = 512
+    p2p_range: tuple = (0.1, 0.9)        # threshold ~ U[lo, hi): fraction of steps with injection
+    cfg_range: tuple = (7.5, 15.0)       # classifier-free guidance scale ~ U[lo, hi)
+    clip_filter: ClipFilter = ClipFilter()
+    seed: int = 0                        # base seed of the candidate seeds
+    sampler: str = "euler_a"
+    schedule: str | None = None          # None: the sampler's default ("kdiffusion" for euler_a, the authors')
+    jpeg_quality: int = 100
+
+    def check(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("steps", "samples_per_prompt", "keep", "resolution"):
+            positive_int(name)
+        for name in ("p2p_range", "cfg_range"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name}: minimum {lo} is above maximum {hi}")
+        if not (0 <= self.p2p_range[0] and self.p2p_range[1] <= 1):
+            raise ValueError(f"p2p_range must lie in [0, 1], got {self.p2p_range}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass
+class GenerateStats:
+    written: int = 0      # prompt dirs this run finished
+    skipped: int = 0      # prompt dirs finished before this run
+    sampled: int = 0      # candidate pairs this run sampled
+    kept: int = 0         # pairs this run wrote
+    total_pairs: int = 0  # pairs listed in seeds.json (every finished dir, every run)
+
+
+def partition_indices(num_prompts: int, partition: int = 0, num_partitions: int = 1, start: int = 0,
+                      end: int | None = None) -> range:
+    """Prompt indices of one partition: [start, end) split into `num_partitions` contiguous parts
+    with numpy.array_split's sizes (the authors' partitioning)."""
+    end = num_prompts if end is None else min(end, num_prompts)
+    if not 0 <= start <= end:
+        raise ValueError(f"prompt range start {start} / end {end} is not within 0..{num_prompts}")
+    if not 0 <= partition < num_partitions:
+        raise ValueError(f"partition {partition} is not in 0..{num_partitions - 1}")
+    q, r = divmod(end - start, num_partitions)
+    lo = start + partition * q + min(partition, r)
+    return range(lo, lo + q + (partition < r))
+
+
+def candidate_seeds(base_seed: int, prompt_index: int, n: int) -> list[int]:
+    """`n` distinct seeds in [0, 2**32) for a prompt, a function of (base_seed, prompt_index)."""
+    rng = np.random.default_rng([int(base_seed), int(prompt_index), _SEED_STREAM])
+    return [int(s) for s in rng.choice(SEED_SPACE, size=n, replace=False)]
+
+
+def draw_sample(seed: int, latent_shape: tuple, settings: PairSettings) -> tuple[float, float, np.ndarray]:
+    """(p2p threshold, cfg scale, start noise) of one candidate, from its seed alone (numpy PCG64:
+    uniform threshold, uniform scale, then standard normal noise)."""
+    rng = np.random.default_rng(seed)
+    (p_lo, p_hi), (c_lo, c_hi) = settings.p2p_range, settings.cfg_range
+    p2p = p_lo + rng.random() * (p_hi - p_lo)
+    cfg = c_lo + rng.random() * (c_hi - c_lo)
+    return float(p2p), float(cfg), rng.standard_normal(latent_shape, dtype=np.float32)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 by truncation, as the authors' to_pil (255 * x, astype(uint8))."""
+    return (255.0 * np.clip(images, 0.0, 1.0)).astype(np.uint8)
+
+
+def check_prompts(prompts: Sequence) -> None:
+    for i, p in enumerate(prompts):
+        if not isinstance(p, dict) or any(not isinstance(p.get(k), str) for k in layout.PROMPT_KEYS):
+            raise layout.LayoutError(f"prompt {i}: needs text keys {layout.PROMPT_KEYS}, got {p!r:.200}")
+
+
+def _check_run_file(out: Path, record: dict) -> None:
+    """Write <out>/generation.json, or check that an earlier run used the same settings."""
+    path = out / RUN_FILE
+    if not path.exists():
+        layout.atomic_write_text(path, json.dumps(record, indent=1))
+        return
+    have, now = json.loads(path.read_text()).get("settings", {}), record["settings"]
+    diffs = [f"{k}: {have.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(have) | set(now))
+             if have.get(k) != now.get(k)]
+    if diffs:
+        raise layout.LayoutError(f"{out} was generated with other settings ({'; '.join(diffs)}); resume with "
+                                 "the same settings or use a fresh output folder")
+
+
+@dataclasses.dataclass(eq=False)
+class _PromptWork:
+    index: int
+    prompt: dict
+    cond: np.ndarray                    # (2, 77, D) [input, edited] caption embeddings
+    text_features: np.ndarray | None    # (2, D) CLIP text features, None without a filter
+    pending: int                        # candidates not yet scored
+    results: dict = dataclasses.field(default_factory=dict)   # seed -> metadata line
+    images: dict = dataclasses.field(default_factory=dict)    # seed -> (uint8 img0, img1); kept candidates only
+
+
+def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings: PairSettings = PairSettings(), *,
+                   scorer=None, indices: Iterable[int] | None = None, batch_size: int | None = None,
+                   progress: bool = True, run_info: dict | None = None) -> GenerateStats:
+    """Generate the pairs of prompts[i] for i in `indices` (default all) into `out`.
+
+    scorer: a ip2p_jax.metrics.clip_scores.ClipScorer (ViT-L/14 in real use); None = no CLIP
+      filter: only `keep` candidates per prompt are sampled and all are written.
+    batch_size: pairs per compiled call (default 4 per device; rounded up to the device count).
+    run_info: extra facts recorded in <out>/generation.json (e.g. model paths).
+    """
+    settings.check()
+    check_prompts(prompts)
+    indices = list(range(len(prompts)) if indices is None else indices)
+    if any(not 0 <= i < len(prompts) for i in indices):
+        raise ValueError(f"prompt indices must lie in 0..{len(prompts) - 1}")
+    plan = sampler.plan(settings.steps, settings.sampler, settings.schedule)
+    shape = sampler.latent_shape(settings.resolution)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_settings = dict(settings.to_dict(), clip_filter_applied=scorer is not None, dtype=sampler.dtype.name)
+    _check_run_file(out, {"settings": run_settings, **(run_info or {})})
+    layout.remove_stale_partial_dirs(out)
+
+    todo = [i for i in indices if not layout.is_finished(out, i, prompts[i])]
+    stats = GenerateStats(skipped=len(indices) - len(todo))
+    n_candidates = settings.samples_per_prompt if scorer is not None else min(settings.samples_per_prompt,
+                                                                               settings.keep)
+    total = len(todo) * n_candidates
+    size = batch_size or PAIRS_PER_DEVICE * sampler.num_devices
+    size = sharding.padded_size(min(size, 1 << max(0, total - 1).bit_length()), sampler.num_devices)
+    null = sampler.encode_text([""])[0]
+
+    def jobs() -> Iterator[tuple[_PromptWork, int]]:
+        for i in todo:
+            p = prompts[i]
+            captions = [p["input"], p["output"]]
+            work = _PromptWork(i, p, sampler.encode_text(captions),
+                               scorer.text_features(captions) if scorer is not None else None, n_candidates)
+            for seed in candidate_seeds(settings.seed, i, n_candidates):
+                yield work, seed
+
+    def dispatch(chunk):
+        draws = [draw_sample(seed, shape, settings) for _, seed in chunk]
+        pad = lambda rows: sharding.pad_rows(np.asarray(rows), size)  # noqa: E731
+        result = sampler.generate(plan, noise=pad([d[2] for d in draws]), seeds=pad([seed for _, seed in chunk]),
+                                  cond=pad([w.cond for w, _ in chunk]), null=null,
+                                  cfg_scale=pad([d[1] for d in draws]),
+                                  inject_steps=pad([injected_steps(d[0], settings.steps) for d in draws]))
+        return result, chunk, draws
+
+    def collect(result, chunk, draws):
+        images = to_uint8(sharding.to_host(result)[:len(chunk)])
+        rows_of: dict[_PromptWork, list[int]] = {}
+        for r, (work, _) in enumerate(chunk):
+            rows_of.setdefault(work, []).append(r)
+        for work, rows in rows_of.items():
+            scores = (pair_scores(scorer, images[rows, 0], images[rows, 1], work.text_features)
+                      if scorer is not None else [{}] * len(rows))
+            for r, clip_metadata in zip(rows, scores):
+                seed, (p2p, cfg, _) = chunk[r][1], draws[r]
+                meta = {"seed": seed, "p2p_threshold": p2p, "cfg_scale": cfg, **clip_metadata}
+                work.results[seed] = meta
+                if scorer is None or settings.clip_filter.passes(meta):
+                    work.images[seed] = (images[r, 0].copy(), images[r, 1].copy())
+            work.pending -= len(rows)
+            stats.sampled += len(rows)
+            if work.pending == 0:
+                stats.kept += _write_prompt(out, work, settings, filtered=scorer is not None)
+                stats.written += 1
+        bar.update(len(chunk))
+        bar.set_postfix(prompts=f"{stats.written}/{len(todo)}", kept=stats.kept)
+
+    bar = tqdm(total=total, desc="pairs", unit="pair", disable=not progress)
+    try:
+        stream = jobs()
+        pending = None   # start batch k+1 on the device before scoring and writing batch k
+        while True:
+            chunk = list(itertools.islice(stream, size))
+            started = dispatch(chunk) if chunk else None
+            if pending is not None:
+                collect(*pending)
+            pending = started
+            if pending is None:
+                break
+    finally:
+        bar.close()
+        layout.remove_empty_partial_root(out)
+    stats.total_pairs = sum(len(seeds) for _, seeds in layout.finish(out))
+    return stats
+
+
+def _write_prompt(out: Path, work: _PromptWork, settings: PairSettings, *, filtered: bool) -> int:
+    """Write one finished prompt dir with its selected pairs; returns how many."""
+    chosen = select(work.results, settings.clip_filter if filtered else None, settings.keep)
+    with layout.staged_prompt_dir(out, work.index, work.prompt) as tmp:
+        for seed in chosen:
+            for k, image in enumerate(work.images[seed]):
+                Image.fromarray(image).save(tmp / f"{seed}_{k}.jpg", quality=settings.jpeg_quality)
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(work.results[s]) + "\n" for s in chosen))
+    work.images.clear()
+    return len(chosen)
