@@ -82,25 +82,15 @@ def parse_args(argv=None):
 
 def read_jsonl(path: str, num: int | None = None) -> list[dict]:
     """Examples {"image": PIL RGB, "edit", "input", "output", "name"} from a JSONL file."""
-    from ip2p_jax import images as imlib
+    from ip2p_jax import images as imlib, jsonl
 
     if not os.path.isfile(path):
         raise ExampleError(f"{path}: no such file")
     folder = os.path.dirname(os.path.abspath(path))
     out = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if num is not None and len(out) >= num:
-                break
-            if not line.strip():
-                continue
+        for lineno, rec in itertools.islice(jsonl.objects(f, path, ExampleError), num):
             where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ExampleError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ExampleError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             bad = [k for k in FIELDS if not isinstance(rec.get(k), str) or not rec[k].strip()]
             if bad:
                 raise ExampleError(f"{where}: needs non-empty string fields {', '.join(FIELDS)}; "

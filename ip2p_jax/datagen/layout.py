@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ip2p_jax import jsonl
+
 PROMPT_KEYS = ("input", "edit", "output")
 SEEDS_FILE = "seeds.json"
 _DIR_RE = re.compile(r"^\d{7}$")
@@ -54,14 +56,8 @@ def read_prompts(path, error: type[ValueError] = LayoutError) -> list[dict]:
     except OSError as e:
         raise error(f"{path}: cannot read the prompts file: {e.strerror or e}") from None
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(d, dict) or any(not isinstance(d.get(k), str) for k in PROMPT_KEYS):
+        for n, d in jsonl.objects(f, path, error):
+            if any(not isinstance(d.get(k), str) for k in PROMPT_KEYS):
                 raise error(f"{path}:{n}: a prompt line needs text keys {PROMPT_KEYS}")
             prompts.append(d)
     return prompts

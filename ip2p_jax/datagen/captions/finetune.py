@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from ip2p_jax import jsonl
+
 from .errors import CaptionStageError
 from .format import EDIT_SEPARATOR, PROMPT_SEPARATOR, STOP, format_completion, format_prompt
 
@@ -38,17 +40,8 @@ def export_finetune(human_path: str, out_path: str) -> int:
         raise CaptionStageError(f"human-written examples file {human_path} does not exist")
     examples = []
     with open(human_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{human_path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CaptionStageError(f"{where}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise CaptionStageError(f"{where}: expected a JSON object")
-            examples.append(finetune_example(record, where))
+        for number, record in jsonl.objects(f, human_path, CaptionStageError):
+            examples.append(finetune_example(record, f"{human_path}:{number}"))
     if not examples:
         raise CaptionStageError(f"{human_path} holds no examples")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

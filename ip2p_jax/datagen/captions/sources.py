@@ -9,11 +9,12 @@ Blank or missing captions are skipped; captions are otherwise used as written.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple, Optional
 
 import numpy as np
+
+from ip2p_jax import jsonl
 
 from .errors import CaptionStageError
 
@@ -61,15 +62,7 @@ def _read_jsonl(path: str, caption_column, url_column) -> list[CaptionRow]:
     captions, urls = [], []
     caption_key = url_key = None
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CaptionStageError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise CaptionStageError(f"{path}:{number}: expected a JSON object")
+        for number, record in jsonl.objects(f, path, CaptionStageError):
             if caption_key is None:  # the first record decides the columns
                 names = list(record)
                 caption_key = _pick_column(names, caption_column, CAPTION_COLUMNS, "caption", path, True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from ip2p_jax import jsonl
+
 from .errors import CaptionStageError
 
 
@@ -25,18 +27,10 @@ def recover_jsonl(path: str) -> list[dict]:
     if complete < len(data):
         with open(path, "r+b") as f:
             f.truncate(complete)
-    records = []
-    for number, line in enumerate(data[:complete].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CaptionStageError(f"{path}:{number}: not a JSON line; refusing to append to this file") from None
-        if not isinstance(record, dict):
-            raise CaptionStageError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    return records
+    try:
+        return [record for _, record in jsonl.objects(data[:complete].splitlines(), path)]
+    except ValueError as e:
+        raise CaptionStageError(f"{e}; refusing to append to this file") from None
 
 
 class JsonlAppender:
