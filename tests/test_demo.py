@@ -182,8 +182,11 @@ def test_editor_training_resumes_and_assembles_a_model(encoded_run, tmp_path):
     state = dm.train_editor(work, cfg, progress=False)
     assert int(state.step) == 2 and int(state.updates) == 2
     first = np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]).copy()
-    state = dm.train_editor(work, dm.EditorTrainConfig(**{**cfg.__dict__, "steps": 3}), progress=False)
-    assert int(state.step) == 3   # resumed: one more step
+    # resumed for one more step, as the start of a cool-down: the constant-rate state is kept
+    state = dm.train_editor(work, dm.EditorTrainConfig(**{**cfg.__dict__, "steps": 3, "decay_start": 2,
+                                                          "decay_steps": 1}), progress=False)
+    assert int(state.step) == 3
+    assert os.path.isfile(os.path.join(work, dm.EDITOR_STATE_STABLE))
     assert not np.allclose(first, np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]))
 
     out = dm.assemble(work, str(tmp_path / "model"))

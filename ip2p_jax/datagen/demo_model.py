@@ -10,6 +10,9 @@ Stages (scripts/train_demo_model.sh runs them all; each resumes where it stopped
   editor     the 8-channel UNet and the CLIP text encoder, from scratch, jointly, with the
              project's InstructPix2Pix train step (ip2p_jax.train.step: conditioning dropout,
              EMA) over the encoded pairs
+             (--decay-start S --decay-steps N: a linear cool-down of the rate to 0 from step S,
+             warmup-stable-decay style; the constant-rate state at S is kept as
+             editor_state_stable.msgpack, from which a later run can go on at the constant rate)
   assemble   the EMA weights + VAE + tokenizer + scheduler as a diffusers folder (fp16)
 
     python -m ip2p_jax.datagen.demo_model vae --workdir out/demo/run
@@ -63,6 +66,7 @@ SCHEDULER_CONFIG = {
 BASE_FILE = "model_base.json"     # configs of the run (written by the vae stage, completed by encode)
 PAIRS_FILE = "pairs.npz"
 EDITOR_STATE = "editor_state.msgpack"
+EDITOR_STATE_STABLE = "editor_state_stable.msgpack"   # the state where a cool-down began
 
 
 # ----------------------------------------------------------------------------- stage: tokenizer
@@ -317,16 +321,20 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
                           scaling_factor=base["vae"]["scaling_factor"])
     step_fn = jax.jit(make_train_step(Models(unet=unet, text_encoder=text), step_cfg, tx, lr), donate_argnums=0)
 
-    def save():
-        tmp = f"{path}.tmp-{os.getpid()}"
+    def save(to=path):
+        tmp = f"{to}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(flax.serialization.to_bytes(jax.device_get(state)))
-        os.replace(tmp, path)
+        os.replace(tmp, to)
 
     start = int(state.step)
     bar = _progress_bar(cfg.steps, start, "editor", progress)
     losses, t0 = [], time.perf_counter()
     for step in range(start, cfg.steps):
+        if cfg.decay_steps > 0 and step == cfg.decay_start:
+            # the cool-down is a branch: keep the constant-rate state so a later run can go on from it
+            save(os.path.join(workdir, EDITOR_STATE_STABLE))
+            bar.write(f"editor: constant-rate state at step {step} kept as {EDITOR_STATE_STABLE}")
         batch = pair_batch(pairs, step, cfg.batch_size, cfg.seed)
         state, metrics = step_fn(state, frozen, batch)
         losses.append(metrics["loss"])
