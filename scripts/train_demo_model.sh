@@ -4,11 +4,12 @@
 #   -> diffusers folder (fp16) -> evaluation on 500 held-out edits (seed 1000, not used in training).
 #
 #   scripts/train_demo_model.sh                    # everything, into out/demo/ and ip2p_jax/demo_model/
-#   EDITOR_STEPS=40000 scripts/train_demo_model.sh # longer
+#   EDITOR_STEPS=40000 DECAY_STEPS=6000 scripts/train_demo_model.sh   # longer
 #
 # Every stage resumes: run the same command again after an interruption. Settings (environment):
 #   WORK (out/demo), OUT (ip2p_jax/demo_model), PY (.venv/bin/python), NUM_PROMPTS (40000),
-#   VAE_STEPS (3000), EDITOR_STEPS (20000), BATCH (64), WORKERS (2), EVAL_NUM (500).
+#   VAE_STEPS (800), EDITOR_STEPS (9600), DECAY_STEPS (1600: the editor's rate, constant after
+#   warm-up, falls linearly to 0 over the last DECAY_STEPS steps), BATCH (64), WORKERS (2), EVAL_NUM (500).
 # Runs on CPU (hours) or, with a CUDA jax, on a GPU (minutes); see ip2p_jax/datagen/demo_model.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,9 @@ WORK=${WORK:-out/demo}
 OUT=${OUT:-ip2p_jax/demo_model}
 PY=${PY:-.venv/bin/python}
 NUM_PROMPTS=${NUM_PROMPTS:-40000}
-VAE_STEPS=${VAE_STEPS:-3000}
-EDITOR_STEPS=${EDITOR_STEPS:-20000}
+VAE_STEPS=${VAE_STEPS:-800}
+EDITOR_STEPS=${EDITOR_STEPS:-9600}
+DECAY_STEPS=${DECAY_STEPS:-1600}
 BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-2}
 EVAL_NUM=${EVAL_NUM:-500}
@@ -39,7 +41,8 @@ stage "4/7 tokenizer + KL autoencoder"
 stage "5/7 encode pairs"
 [ -f "$RUN/pairs.npz" ] || $PY -m ip2p_jax.datagen.demo_model encode --workdir "$RUN" --data-dir "$DATA/tfds" --name shapes
 stage "6/7 UNet + text encoder (InstructPix2Pix, EMA, conditioning dropout)"
-$PY -m ip2p_jax.datagen.demo_model editor --workdir "$RUN" --steps "$EDITOR_STEPS" --batch-size "$BATCH"
+$PY -m ip2p_jax.datagen.demo_model editor --workdir "$RUN" --steps "$EDITOR_STEPS" --batch-size "$BATCH" \
+  --decay-start $(( EDITOR_STEPS - DECAY_STEPS )) --decay-steps "$DECAY_STEPS"
 stage "7/7 assemble + evaluate"
 $PY -m ip2p_jax.datagen.demo_model assemble --workdir "$RUN" --out "$OUT"
 $PY scripts/evaluate_shapes.py --model "$OUT" --num "$EVAL_NUM" --seed 1000 --steps 20 \
