@@ -204,3 +204,11 @@ def test_pair_batches_depend_only_on_seed_and_step():
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["input_ids"], dm.pair_batch(pairs, 6, 4, 0)["input_ids"])
     assert list(a["example_id"]) == [20, 21, 22, 23]
+
+
+def test_stage_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    # a cool-down that starts inside the warm-up is refused before anything is loaded
+    assert dm.main(["editor", "--workdir", str(tmp_path), "--decay-start", "50", "--decay-steps", "10"]) == 2
+    assert "decay_start >= warmup_steps" in capsys.readouterr().err
+    assert dm.main(["assemble", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
+    assert "run the vae stage first" in capsys.readouterr().err

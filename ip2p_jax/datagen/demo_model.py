@@ -291,6 +291,11 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
                                       make_optimizer)
     from ip2p_jax.train.step import Models, StepConfig, make_train_step
 
+    # the rate schedule first: a bad one fails before the pairs are loaded
+    opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                              decay_start=cfg.decay_start, decay_steps=cfg.decay_steps,
+                              weight_decay=cfg.weight_decay)
+    tx, lr = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
     base = read_base(workdir)
     unet_cfg, text_cfg, unet, text = editor_models(base)
     pairs = load_pairs(pairs_path or os.path.join(workdir, PAIRS_FILE))
@@ -307,10 +312,6 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
         "unet": jax.jit(lambda k: unet.init(k, jnp.zeros((1, h, h, 8)), jnp.zeros((1,), jnp.int32),
                                             jnp.zeros((1, 77, text_cfg.hidden_size)))["params"])(k_unet),
         "text_encoder": jax.jit(lambda k: text.init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k_text)}
-    opt_cfg = OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                              decay_start=cfg.decay_start, decay_steps=cfg.decay_steps,
-                              weight_decay=cfg.weight_decay)
-    tx, lr = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
     state = create_train_state(params, tx, cfg.seed)
     path = os.path.join(workdir, EDITOR_STATE)
     if os.path.isfile(path):
@@ -455,15 +456,19 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     args = p.parse_args(argv)
-    if args.stage == "vae":
-        train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)
-    elif args.stage == "encode":
-        encode_pairs(args.workdir, args.data_dir, args.name, max_examples=args.max_examples, progress=False)
-    elif args.stage == "editor":
-        cfg = EditorTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EditorTrainConfig)})
-        train_editor(args.workdir, cfg, args.pairs, progress=False)
-    elif args.stage == "assemble":
-        assemble(args.workdir, args.out, args.dtype)
+    try:
+        if args.stage == "vae":
+            train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)
+        elif args.stage == "encode":
+            encode_pairs(args.workdir, args.data_dir, args.name, max_examples=args.max_examples, progress=False)
+        elif args.stage == "editor":
+            cfg = EditorTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EditorTrainConfig)})
+            train_editor(args.workdir, cfg, args.pairs, progress=False)
+        elif args.stage == "assemble":
+            assemble(args.workdir, args.out, args.dtype)
+    except (ValueError, FileNotFoundError) as e:   # bad settings, a stage not run yet
+        print(f"demo_model {args.stage}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
