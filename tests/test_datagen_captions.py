@@ -420,8 +420,9 @@ class StubServer:
                 stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 status, answer = stub.script.pop(0) if stub.script else (200, None)
                 if answer is None:  # echo: completions in reverse order, to test sorting by index
+                    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
                     answer = {"choices": [{"index": i, "text": f"edit {i}\n%%\nout {i}\nEND extra"}
-                                          for i in reversed(range(len(body["prompt"])))]}
+                                          for i in reversed(range(len(prompts)))]}
                 data = json.dumps(answer).encode() if isinstance(answer, dict) else answer.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -498,6 +499,24 @@ def test_http_backend_retries_then_fails_clearly(stub, monkeypatch):
         _http_backend(_closed_port_url(), max_retries=1).generate(["a\n##\n"], seed=0)
     with pytest.raises(cap.BackendError, match="OPENAI_API_KEY"):
         _http_backend("https://api.openai.com/v1")
+
+
+def test_http_backend_falls_back_to_one_prompt_per_request(stub):
+    backend = _http_backend(stub.base_url)
+    stub.script = [(422, {"error": {"message": "prompt must be a string"}})]
+    assert backend.generate(["a\n##\n", "b\n##\n"], seed=3) == ["edit 0\n%%\nout 0"] * 2
+    assert [r["body"]["prompt"] for r in stub.requests] == [["a\n##\n", "b\n##\n"], "a\n##\n", "b\n##\n"]
+    stub.requests.clear()
+    backend.generate(["c\n##\n", "d\n##\n"], seed=4)  # remembered: no list is tried again
+    assert [r["body"]["prompt"] for r in stub.requests] == ["c\n##\n", "d\n##\n"]
+
+    backend = _http_backend(stub.base_url)  # a server that answers a list with one choice
+    stub.script = [(200, {"choices": [{"index": 0, "text": "x"}]})]
+    assert len(backend.generate(["a\n##\n", "b\n##\n"], seed=0)) == 2 and backend.one_prompt_per_request
+    backend = _http_backend(stub.base_url)  # other client errors are not a reason to split
+    stub.script = [(401, {"error": {"message": "bad key"}})]
+    with pytest.raises(cap.BackendError, match="HTTP 401: bad key"):
+        backend.generate(["a\n##\n", "b\n##\n"], seed=0)
 
 
 # ---------------------------------------------------------------------------- CLI

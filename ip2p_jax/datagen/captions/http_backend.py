@@ -1,7 +1,9 @@
 """An OpenAI-compatible completions endpoint (`POST {base_url}/completions`), standard library only.
 
 Works with OpenAI itself and with servers that copy its API (vLLM, TGI,
-llama.cpp's server). All prompts of a call go in one request as a list.
+llama.cpp's server). All prompts of a call go in one request as a list; a server that
+refuses lists (a 400/422 answer, or the wrong number of choices) is asked one prompt per
+request from then on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def _error_message(body: bytes) -> str:
     return body.decode("utf-8", "replace").strip()[:500] or "(empty body)"
 
 
+class _ClientError(BackendError):
+    """A 4xx answer that retrying will not fix."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class _WrongChoiceCount(BackendError):
+    """The answer does not hold one choice per prompt."""
+
+
 class OpenAICompletionsBackend:
     """`generate(prompts, seed)` sends the seed as the request's `seed` (honoured by vLLM,
     llama.cpp and OpenAI on a best-effort basis). 429 and 5xx answers and network errors
@@ -54,10 +68,12 @@ class OpenAICompletionsBackend:
             raise BackendError(f"{OPENAI_BASE_URL} needs an API key: set ${api_key_env}")
         self.timeout, self.max_retries = timeout, max_retries
         self.retry_wait, self.max_retry_wait = retry_wait, max_retry_wait
+        self.one_prompt_per_request = False  # set once the server has refused a list of prompts
 
     def request_body(self, prompts: list[str], seed: int) -> dict:
         s = self.settings
-        return {"model": self.model, "prompt": list(prompts), "max_tokens": s.max_tokens,
+        prompt = prompts[0] if len(prompts) == 1 else list(prompts)  # a string suits every server
+        return {"model": self.model, "prompt": prompt, "max_tokens": s.max_tokens,
                 "temperature": s.temperature, "top_p": s.top_p,
                 "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,
                 "stop": [s.stop], "n": 1, "seed": int(seed)}
@@ -65,12 +81,23 @@ class OpenAICompletionsBackend:
     def generate(self, prompts: list[str], seed: int) -> list[str]:
         if not prompts:
             return []
+        if len(prompts) > 1 and not self.one_prompt_per_request:
+            try:
+                return self._complete(prompts, seed)
+            except _ClientError as e:
+                if e.status not in (400, 422):
+                    raise
+            except _WrongChoiceCount:
+                pass
+            self.one_prompt_per_request = True
+        return [text for p in prompts for text in self._complete([p], seed)]
+
+    def _complete(self, prompts: list[str], seed: int) -> list[str]:
         response = self._post(self.request_body(prompts, seed))
         choices = response.get("choices") if isinstance(response, dict) else None
         if not isinstance(choices, list) or len(choices) != len(prompts):
             got = len(choices) if isinstance(choices, list) else "no"
-            raise BackendError(f"{self.url}: expected {len(prompts)} choices, got {got} "
-                               "(does the server accept a list of prompts?)")
+            raise _WrongChoiceCount(f"{self.url}: expected {len(prompts)} choices, got {got}")
         try:
             ordered = sorted(choices, key=lambda c: c["index"])
             return [cut_at_stop(str(c["text"]), self.settings.stop) for c in ordered]
@@ -96,7 +123,7 @@ class OpenAICompletionsBackend:
             except urllib.error.HTTPError as e:
                 message = _error_message(e.read())
                 if not _is_retryable(e.code):
-                    raise BackendError(f"{self.url}: HTTP {e.code}: {message}") from None
+                    raise _ClientError(f"{self.url}: HTTP {e.code}: {message}", e.code) from None
                 problem = f"HTTP {e.code}: {message}"
                 retry_after = e.headers.get("Retry-After") if e.headers else None
                 if retry_after and retry_after.strip().isdigit():
