@@ -196,6 +196,51 @@ def test_editor_training_resumes_and_assembles_a_model(encoded_run, tmp_path):
     assert res.images[0].size == (64, 64)
 
 
+@pytest.mark.slow
+def test_editor_goes_on_from_an_assembled_model(encoded_run, shapes_tfds, tmp_path):
+    """unpack + encode + editor --init-from: training continues from the assembled EMA weights."""
+    import jax
+
+    work = encoded_run[0]
+    if not os.path.isfile(os.path.join(work, dm.EDITOR_STATE)):
+        dm.train_editor(work, dm.EditorTrainConfig(steps=1, batch_size=4, warmup_steps=0), progress=False)
+    model = dm.assemble(work, str(tmp_path / "model"), dtype="fp32")
+    ema, step = dm.read_editor_ema(work)
+    again = str(tmp_path / "again")
+    base = dm.unpack(model, again)
+    assert base["warm_start"]["editor_steps"] == step
+    dm.encode_pairs(again, shapes_tfds, "shapes", progress=False)
+    cfg = dm.EditorTrainConfig(steps=1, batch_size=4, warmup_steps=0, learning_rate=0.0, weight_decay=0.0,
+                               init_from=model)
+    state = dm.train_editor(again, cfg, progress=False)
+    # a zero rate leaves the params where the model's weights put them
+    flat = lambda t: jax.tree_util.tree_leaves(jax.tree.map(np.asarray, t))   # noqa: E731
+    for got, want in zip(flat(state.params), flat({"unet": ema["unet"], "text_encoder": ema["text_encoder"]})):
+        np.testing.assert_array_equal(got, want)
+    with open(os.path.join(dm.assemble(again, str(tmp_path / "model2")), "training.json")) as f:
+        assert json.load(f)["warm_start"]["editor_steps"] == step
+
+
+def test_unpack_the_shipped_model(tmp_path, capsys):
+    """unpack writes the shipped model's tokenizer, VAE and configs; a mismatched workdir is refused."""
+    from ip2p_jax.models.unet import UNetConfig
+    from ip2p_jax.weights import load_diffusers_folder
+
+    model, work = demo.demo_model_path(), str(tmp_path / "run")
+    base = dm.unpack(model, work)
+    assert UNetConfig.from_dict(base["unet"]) == UNetConfig.from_dict(dm.UNET_CONFIG)
+    assert base["text_encoder"]["vocab_size"] == 706
+    comps = load_diffusers_folder(model)
+    np.testing.assert_array_equal(dm.load_vae_params(work)["decoder"]["conv_out"]["kernel"],
+                                  comps.vae_params["decoder"]["conv_out"]["kernel"])
+    assert dm.make_tokenizer(work).get_vocab() == comps.tokenizer.get_vocab()
+    assert dm.main(["unpack", "--model", model, "--workdir", work]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # a model whose networks differ from the workdir's configs
+    with pytest.raises(ValueError, match="do not match"):
+        dm.warm_start_params(model, {"unet": {}, "text_encoder": {}})
+
+
 def test_pair_batches_depend_only_on_seed_and_step():
     pairs = {"input_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),
              "edited_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),

@@ -14,6 +14,8 @@ Stages (scripts/train_demo_model.sh runs them all; each resumes where it stopped
              warmup-stable-decay style; the constant-rate state at S is kept as
              editor_state_stable.msgpack, from which a later run can go on at the constant rate)
   assemble   the EMA weights + VAE + tokenizer + scheduler as a diffusers folder (fp16)
+  unpack     (to go on from an assembled model instead of from nothing) its tokenizer, VAE and
+             configs into a fresh workdir; then encode, and editor --init-from the model
 
     python -m ip2p_jax.datagen.demo_model vae --workdir out/demo/run
     python -m ip2p_jax.datagen.demo_model encode --workdir out/demo/run --data-dir out/demo/data/tfds
@@ -176,6 +178,35 @@ def load_vae_params(workdir: str) -> dict:
         return flax.serialization.from_bytes(template, f.read())
 
 
+def unpack(model: str, workdir: str) -> dict:
+    """An assembled demo model -> a workdir with its tokenizer, VAE and configs (instead of the vae
+    stage), so that the editor can go on training from its weights: encode, then editor --init-from."""
+    import flax
+
+    from ip2p_jax.weights import load_diffusers_folder
+    from ip2p_jax.weights.diffusers_folder import config_dict
+    from ip2p_jax.weights.io import read_json
+
+    comps = load_diffusers_folder(model, dtype=np.float32)
+    if os.path.exists(os.path.join(workdir, BASE_FILE)):
+        raise ValueError(f"{workdir}: already holds a run ({BASE_FILE}); unpack into a fresh workdir")
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copytree(os.path.join(model, "tokenizer"), tokenizer_dir(workdir))
+    with open(vae_params_path(workdir), "wb") as f:
+        f.write(flax.serialization.to_bytes(comps.vae_params))
+    plain = lambda name, cfg: {k: v for k, v in config_dict(name, cfg).items()   # noqa: E731
+                               if not k.startswith("_") and k not in ("architectures", "model_type")}
+    info_path = os.path.join(model, "training.json")
+    info = read_json(info_path) if os.path.isfile(info_path) else {}
+    base = {"vae": plain("vae", comps.vae_config), "text_encoder": plain("text_encoder", comps.text_config),
+            "unet": plain("unet", comps.unet_config), "scheduler": dict(comps.scheduler_config),
+            "vae_metrics": info.get("vae", {}),
+            "warm_start": {"model": model, "editor_steps": info.get("editor_steps")}}
+    _write_json(os.path.join(workdir, BASE_FILE), base)
+    print(f"unpack: {model} -> {workdir} (tokenizer, VAE, configs)", flush=True)
+    return base
+
+
 # ----------------------------------------------------------------------------- stage: encode
 
 
@@ -250,6 +281,7 @@ class EditorTrainConfig:
     ema_decay: float = 0.999
     cond_dropout_prob: float = 0.05
     seed: int = 0
+    init_from: str = ""           # an assembled demo model folder: start from its weights (see unpack)
     checkpoint_every: int = 250
     log_every: int = 50
 
@@ -312,6 +344,8 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
         "unet": jax.jit(lambda k: unet.init(k, jnp.zeros((1, h, h, 8)), jnp.zeros((1,), jnp.int32),
                                             jnp.zeros((1, 77, text_cfg.hidden_size)))["params"])(k_unet),
         "text_encoder": jax.jit(lambda k: text.init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k_text)}
+    if cfg.init_from:
+        params = warm_start_params(cfg.init_from, params)
     state = create_train_state(params, tx, cfg.seed)
     path = os.path.join(workdir, EDITOR_STATE)
     if os.path.isfile(path):
@@ -352,6 +386,22 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
     return state
 
 
+def warm_start_params(model: str, fresh: dict) -> dict:
+    """The UNet and text encoder weights of an assembled demo model, checked against the fresh init."""
+    import jax
+
+    from ip2p_jax.weights import load_diffusers_folder
+
+    comps = load_diffusers_folder(model, dtype=np.float32)
+    params = {"unet": comps.unet_params, "text_encoder": comps.text_params}
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)   # noqa: E731
+    if shapes(params) != shapes(fresh):
+        raise ValueError(f"{model}: its UNet / text encoder do not match this workdir's configs "
+                         f"(unpack it into a fresh workdir: demo_model unpack --model {model})")
+    print(f"editor: starting from the weights of {model}", flush=True)
+    return params
+
+
 def read_editor_ema(workdir: str) -> dict:
     """The EMA params {'unet', 'text_encoder'} of the saved editor state (numpy)."""
     import flax
@@ -384,6 +434,8 @@ def assemble(workdir: str, out: str, dtype: str = "fp16") -> str:
     for name in ("vocab.json", "merges.txt"):   # also the older hub layout (transformers 4 reads it)
         shutil.copyfile(os.path.join(tokenizer_dir(workdir), name), os.path.join(path, "tokenizer", name))
     info = {"editor_steps": step, "vae": base.get("vae_metrics", {}), "trained_by": "scripts/train_demo_model.sh"}
+    if "warm_start" in base:   # the editor went on from an earlier model's weights
+        info["warm_start"] = base["warm_start"]
     _write_json(os.path.join(path, "training.json"), info)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
     print(f"assemble: editor step {step} -> {path} ({size / 1e6:.1f} MB)", flush=True)
@@ -438,9 +490,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="stage", required=True)
     v = sub.add_parser("vae", help="train the autoencoder (and write the tokenizer)")
     v.add_argument("--workdir", required=True)
-    v.add_argument("--steps", type=int, default=3000)
+    v.add_argument("--steps", type=int, default=800)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--seed", type=int, default=0)
+    u = sub.add_parser("unpack", help="a demo model's tokenizer, VAE and configs into a fresh workdir "
+                                      "(instead of vae), to go on training its editor (editor --init-from)")
+    u.add_argument("--model", required=True)
+    u.add_argument("--workdir", required=True)
     e = sub.add_parser("encode", help="encode the TFDS pairs with the VAE into <workdir>/pairs.npz")
     e.add_argument("--workdir", required=True)
     e.add_argument("--data-dir", required=True, help="TFDS data dir (scripts/build_tfds.py --data-dir)")
@@ -459,6 +515,8 @@ def main(argv=None) -> int:
     try:
         if args.stage == "vae":
             train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)
+        elif args.stage == "unpack":
+            unpack(args.model, args.workdir)
         elif args.stage == "encode":
             encode_pairs(args.workdir, args.data_dir, args.name, max_examples=args.max_examples, progress=False)
         elif args.stage == "editor":
