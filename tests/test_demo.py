@@ -214,9 +214,8 @@ def test_editor_goes_on_from_an_assembled_model(encoded_run, shapes_tfds, tmp_pa
                                init_from=model)
     state = dm.train_editor(again, cfg, progress=False)
     # a zero rate leaves the params where the model's weights put them
-    flat = lambda t: jax.tree_util.tree_leaves(jax.tree.map(np.asarray, t))   # noqa: E731
-    for got, want in zip(flat(state.params), flat({"unet": ema["unet"], "text_encoder": ema["text_encoder"]})):
-        np.testing.assert_array_equal(got, want)
+    jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want), state.params,
+                 {"unet": ema["unet"], "text_encoder": ema["text_encoder"]})
     with open(os.path.join(dm.assemble(again, str(tmp_path / "model2")), "training.json")) as f:
         assert json.load(f)["warm_start"]["editor_steps"] == step
 

@@ -184,22 +184,22 @@ def unpack(model: str, workdir: str) -> dict:
     import flax
 
     from ip2p_jax.weights import load_diffusers_folder
-    from ip2p_jax.weights.diffusers_folder import config_dict
     from ip2p_jax.weights.io import read_json
 
-    comps = load_diffusers_folder(model, dtype=np.float32)
     if os.path.exists(os.path.join(workdir, BASE_FILE)):
         raise ValueError(f"{workdir}: already holds a run ({BASE_FILE}); unpack into a fresh workdir")
+    comps = load_diffusers_folder(model, dtype=np.float32)
     os.makedirs(workdir, exist_ok=True)
     shutil.copytree(os.path.join(model, "tokenizer"), tokenizer_dir(workdir))
     with open(vae_params_path(workdir), "wb") as f:
         f.write(flax.serialization.to_bytes(comps.vae_params))
-    plain = lambda name, cfg: {k: v for k, v in config_dict(name, cfg).items()   # noqa: E731
-                               if not k.startswith("_") and k not in ("architectures", "model_type")}
+    # the config dicts as the vae stage writes them: without the reference library's class tags
+    plain = lambda cfg: {k: v for k, v in cfg.to_dict().items()   # noqa: E731
+                         if not k.startswith("_") and k != "model_type"}
     info_path = os.path.join(model, "training.json")
     info = read_json(info_path) if os.path.isfile(info_path) else {}
-    base = {"vae": plain("vae", comps.vae_config), "text_encoder": plain("text_encoder", comps.text_config),
-            "unet": plain("unet", comps.unet_config), "scheduler": dict(comps.scheduler_config),
+    base = {"vae": plain(comps.vae_config), "text_encoder": plain(comps.text_config),
+            "unet": plain(comps.unet_config), "scheduler": dict(comps.scheduler_config),
             "vae_metrics": info.get("vae", {}),
             "warm_start": {"model": model, "editor_steps": info.get("editor_steps")}}
     _write_json(os.path.join(workdir, BASE_FILE), base)
@@ -344,10 +344,10 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
         "unet": jax.jit(lambda k: unet.init(k, jnp.zeros((1, h, h, 8)), jnp.zeros((1,), jnp.int32),
                                             jnp.zeros((1, 77, text_cfg.hidden_size)))["params"])(k_unet),
         "text_encoder": jax.jit(lambda k: text.init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k_text)}
-    if cfg.init_from:
+    path = os.path.join(workdir, EDITOR_STATE)
+    if cfg.init_from and not os.path.isfile(path):   # a resumed run goes on from its own state
         params = warm_start_params(cfg.init_from, params)
     state = create_train_state(params, tx, cfg.seed)
-    path = os.path.join(workdir, EDITOR_STATE)
     if os.path.isfile(path):
         with open(path, "rb") as f:
             state = flax.serialization.from_bytes(state, f.read())
