@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="edits per compiled call (pipeline default)")
     p.add_argument("--resolution", type=int, default=64, choices=RESOLUTIONS)
     p.add_argument("--exclude", default=None, help="prompts JSONL (training) whose captions to leave out")
+    p.add_argument("--autoencoder-ceiling", action="store_true",
+                   help="also score the expected outputs passed through the model's VAE (a perfect editor's score)")
     p.add_argument("--save", default=None, help="folder for edited images and per-example scores")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -43,7 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from ip2p_jax.datagen.shapes import format_table, read_prompts
-    from ip2p_jax.datagen.shapes.evaluate import evaluate, held_out_examples, summary
+    from ip2p_jax.datagen.shapes.evaluate import autoencoder_ceiling, evaluate, held_out_examples, summary
     from ip2p_jax.datagen.shapes.score import aggregate
 
     args = parse_args(argv)
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
         return result.images
 
     scores, edited = evaluate(edit_fn, examples, progress=not args.no_progress)
+    if args.autoencoder_ceiling:
+        scores["autoencoder"] = autoencoder_ceiling(pipe.autoencode, examples, progress=not args.no_progress)
     if args.save:
         _save(args.save, examples, edited, scores)
     print(format_table({m: aggregate(rows) for m, rows in scores.items()}))

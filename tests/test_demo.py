@@ -42,6 +42,22 @@ def test_shipped_model_is_a_small_diffusers_folder():
         assert json.load(f)["in_channels"] == 8
 
 
+def test_autoencode_with_the_shipped_vae():
+    """EditPipeline.autoencode: the VAE round trip of shapes scenes is close to them (and is the
+    model's own VAE forward pass, not the input returned)."""
+    from ip2p_jax.datagen.shapes.evaluate import held_out_examples
+    from ip2p_jax.images import to_model_array
+    from ip2p_jax.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(demo.demo_model_path())
+    images = [e.output_image() for e in held_out_examples(6, seed=3)]
+    out = pipe.autoencode(images)
+    assert [im.size for im in out] == [(64, 64)] * 6
+    got, want = (np.stack([to_model_array(im) for im in ims]) for ims in (out, images))
+    psnr = 10 * np.log10(4.0 / np.mean((got - want) ** 2))
+    assert 20.0 < psnr < 60.0
+
+
 def test_demo_edits_an_example(tmp_path):
     """make demo's code path (run_demo) on one example image and one instruction, 2 steps."""
     from PIL import Image
@@ -132,7 +148,10 @@ def encoded_run(tmp_path_factory, shapes_tfds):
 
 @pytest.mark.slow  # ~2 min of compiles on 2 cores; `make test-slow`
 def test_autoencoder_trainer_learns_and_resumes(tmp_path):
-    """ip2p_jax.train.autoencoder on shapes crops: loss falls over a few steps; a rerun resumes."""
+    """ip2p_jax.train.autoencoder on shapes crops: loss falls over a few steps; a rerun resumes;
+    decoder-only fine-tuning leaves the encoder alone."""
+    import jax
+
     from ip2p_jax.models.vae import VAEConfig
     from ip2p_jax.train.autoencoder import AutoencoderTrainConfig, restore_state, train_autoencoder
 
@@ -157,6 +176,15 @@ def test_autoencoder_trainer_learns_and_resumes(tmp_path):
     resumed = train_autoencoder(cfg, iter([batch] * 10), dataclasses.replace(tcfg, steps=2), work, progress=False)
     assert np.array_equal(params["decoder"]["conv_out"]["kernel"], resumed["decoder"]["conv_out"]["kernel"])
 
+    # decoder-only fine-tuning from those params: the encoder side (so every latent) is unchanged
+    dcfg = dataclasses.replace(tcfg, steps=2, decoder_only=True)
+    with pytest.raises(ValueError, match="init_params"):
+        train_autoencoder(cfg, iter([batch] * 10), dcfg, progress=False)
+    tuned = train_autoencoder(cfg, iter([batch] * 10), dcfg, str(tmp_path / "dec"), progress=False, init_params=params)
+    for side in ae.ENCODER_SIDE:
+        jax.tree.map(np.testing.assert_array_equal, tuned[side], params[side])
+    assert not np.allclose(tuned["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+
 
 @pytest.mark.slow
 def test_vae_stage_and_encoding_of_shapes_pairs(encoded_run):
@@ -170,6 +198,22 @@ def test_vae_stage_and_encoding_of_shapes_pairs(encoded_run):
     dm.train_vae(work, steps=2, batch_size=4, progress=False, crop=32, configs=TINY)
     again = dm.load_vae_params(work)
     assert np.array_equal(params["decoder"]["conv_out"]["kernel"], again["decoder"]["conv_out"]["kernel"])
+
+
+@pytest.mark.slow
+def test_decoder_stage_keeps_the_latents(encoded_run, tmp_path):
+    """decoder: the VAE decoder is fine-tuned, the encoder (so pairs.npz) stays valid, PSNRs recorded."""
+    import shutil
+
+    work = str(tmp_path / "run")
+    shutil.copytree(encoded_run[0], work)
+    before = dm.load_vae_params(work)
+    assert dm.main(["decoder", "--workdir", work, "--steps", "2", "--batch-size", "4"]) == 0
+    after = dm.load_vae_params(work)
+    np.testing.assert_array_equal(after["encoder"]["conv_in"]["kernel"], before["encoder"]["conv_in"]["kernel"])
+    assert not np.allclose(after["decoder"]["conv_out"]["kernel"], before["decoder"]["conv_out"]["kernel"])
+    metrics = dm.read_base(work)["vae_metrics"]
+    assert metrics["decoder_steps"] == 2 and np.isfinite([metrics["psnr_db"], metrics["psnr_db_before_decoder"]]).all()
 
 
 @pytest.mark.slow

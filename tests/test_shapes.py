@@ -342,17 +342,22 @@ def test_evaluate_with_an_oracle_and_the_script_wiring(monkeypatch, capsys):
             calls.update(kwargs)
             return type("Result", (), {"images": [im.copy() for im in images]})()
 
+        def autoencode(self, images):   # a lossless autoencoder: the ceiling is the ground truth
+            return [im.copy() for im in images]
+
     fake = type(sys)("ip2p_jax.pipeline")
     fake.EditPipeline = FakePipeline
     monkeypatch.setitem(sys.modules, "ip2p_jax.pipeline", fake)
     rc = load_script("evaluate_shapes").main(["--model", "M", "--num", "12", "--seed", "5", "--steps", "3",
-                                              "--text-scale", "6", "--image-scale", "1.2", "--no-progress"])
+                                              "--text-scale", "6", "--image-scale", "1.2", "--no-progress",
+                                              "--autoencoder-ceiling"])
     assert rc == 0
     assert calls["path"] == "M" and calls["steps"] == 3 and calls["text_scale"] == 6.0
     assert calls["image_scale"] == 1.2 and calls["seed"] == 5 and calls["resolution"] == 64
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
     assert last["model"] == last["identity"] and last["identity"]["overall_success"] == 0.0
+    assert last["autoencoder"]["overall_success"] == 1.0
     assert "identity success" in out[0]
 
 

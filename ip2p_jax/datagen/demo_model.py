@@ -5,6 +5,8 @@ Stages (scripts/train_demo_model.sh runs them all; each resumes where it stopped
   tokenizer  a CLIP BPE tokenizer of the shapes vocabulary (ip2p_jax.datagen.shapes_tokenizer)
   vae        a small KL autoencoder (f=4, 4 latent channels) on random shapes scenes
              (ip2p_jax.train.autoencoder), trained on 32x32 crops of 64x64 renders
+  decoder    (optional, any time) fine-tune the VAE decoder with the encoder frozen: sharper small
+             shapes, while every latent already encoded (and the editor trained on them) stays valid
   encode     the TFDS shapes dataset -> one .npz: VAE posterior moments of both images of each
              pair (and of the h-flipped pair) and the instruction's token ids
   editor     the 8-channel UNet and the CLIP text encoder, from scratch, jointly, with the
@@ -155,8 +157,7 @@ def train_vae(workdir: str, steps: int, batch_size: int = 32, learning_rate: flo
     held_out = random_scene_images(np.random.default_rng([seed, 0x7E57]), 64).astype(np.float32) / 127.5 - 1
     psnr = reconstruction_psnr(cfg, params, held_out)
     scaling = latent_scaling_factor(encode_moments(cfg, params, held_out))
-    with open(vae_params_path(workdir), "wb") as f:
-        f.write(flax.serialization.to_bytes(params))
+    _write_bytes(vae_params_path(workdir), flax.serialization.to_bytes(params))
     base = {"vae": dict(vae_dict, scaling_factor=round(scaling, 5)),
             "text_encoder": dict(text_config_for(tokenizer), **configs.get("text_encoder", {})),
             "unet": configs.get("unet", UNET_CONFIG), "scheduler": SCHEDULER_CONFIG,
@@ -164,6 +165,34 @@ def train_vae(workdir: str, steps: int, batch_size: int = 32, learning_rate: flo
     _write_json(os.path.join(workdir, BASE_FILE), base)
     print(f"vae: {steps} steps, reconstruction PSNR {psnr:.2f} dB on 64 held-out scenes, "
           f"latent scaling factor {scaling:.4f}", flush=True)
+    return base
+
+
+def refine_decoder(workdir: str, steps: int, batch_size: int = 32, learning_rate: float = 5e-4,
+                   seed: int = 1, progress: bool = True, crop: int = 32) -> dict:
+    """Fine-tune the decoder of the workdir's VAE (state in <workdir>/vae_decoder, resumable) with
+    the encoder frozen, then replace the VAE params and record the PSNR before and after."""
+    import flax
+    from ip2p_jax.models.vae import VAEConfig
+    from ip2p_jax.train.autoencoder import AutoencoderTrainConfig, reconstruction_psnr, train_autoencoder
+
+    base = read_base(workdir)
+    cfg = VAEConfig.from_dict(base["vae"], source="demo VAE config")
+    before = load_vae_params(workdir)
+    metrics = dict(base.get("vae_metrics", {}))
+    held_out = random_scene_images(np.random.default_rng([seed, 0x7E57]), 64).astype(np.float32) / 127.5 - 1
+    psnr_before = metrics.get("psnr_db_before_decoder") or reconstruction_psnr(cfg, before, held_out)
+    tcfg = AutoencoderTrainConfig(steps=steps, learning_rate=learning_rate, decoder_only=True, seed=seed,
+                                  checkpoint_every=min(200, steps))
+    params = train_autoencoder(cfg, vae_batches(seed, batch_size, crop, pool=max(64, 16 * batch_size)), tcfg,
+                               workdir=os.path.join(workdir, "vae_decoder"), progress=progress, init_params=before)
+    psnr = reconstruction_psnr(cfg, params, held_out)
+    _write_bytes(vae_params_path(workdir), flax.serialization.to_bytes(params))
+    metrics.update(decoder_steps=steps, psnr_db_before_decoder=round(psnr_before, 2), psnr_db=round(psnr, 2))
+    base["vae_metrics"] = metrics
+    _write_json(os.path.join(workdir, BASE_FILE), base)
+    print(f"decoder: {steps} steps (encoder frozen), reconstruction PSNR {psnr_before:.2f} -> {psnr:.2f} dB "
+          f"on 64 held-out scenes", flush=True)
     return base
 
 
@@ -191,8 +220,7 @@ def unpack(model: str, workdir: str) -> dict:
     comps = load_diffusers_folder(model, dtype=np.float32)
     os.makedirs(workdir, exist_ok=True)
     shutil.copytree(os.path.join(model, "tokenizer"), tokenizer_dir(workdir))
-    with open(vae_params_path(workdir), "wb") as f:
-        f.write(flax.serialization.to_bytes(comps.vae_params))
+    _write_bytes(vae_params_path(workdir), flax.serialization.to_bytes(comps.vae_params))
     # the config dicts as the vae stage writes them: without the reference library's class tags
     plain = lambda cfg: {k: v for k, v in cfg.to_dict().items()   # noqa: E731
                          if not k.startswith("_") and k != "model_type"}
@@ -468,9 +496,14 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 
 def _write_json(path: str, d: dict) -> None:
+    _write_bytes(path, json.dumps(d, indent=2).encode())
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Atomically: a crash leaves the previous file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=2)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -493,6 +526,12 @@ def main(argv=None) -> int:
     v.add_argument("--steps", type=int, default=800)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("decoder", help="fine-tune the VAE decoder with the encoder frozen (latents stay valid)")
+    d.add_argument("--workdir", required=True)
+    d.add_argument("--steps", type=int, default=3000)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--learning-rate", type=float, default=5e-4)
+    d.add_argument("--seed", type=int, default=1)
     u = sub.add_parser("unpack", help="a demo model's tokenizer, VAE and configs into a fresh workdir "
                                       "(instead of vae), to go on training its editor (editor --init-from)")
     u.add_argument("--model", required=True)
@@ -515,6 +554,8 @@ def main(argv=None) -> int:
     try:
         if args.stage == "vae":
             train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)
+        elif args.stage == "decoder":
+            refine_decoder(args.workdir, args.steps, args.batch_size, args.learning_rate, args.seed, progress=False)
         elif args.stage == "unpack":
             unpack(args.model, args.workdir)
         elif args.stage == "encode":

@@ -11,7 +11,8 @@ norm clipping. ``batches`` yields float32 (B, H, W, 3) images in [-1, 1].
 
 The state (params, optimizer, step, RNG) is written to ``<workdir>/vae_state.msgpack`` every
 ``checkpoint_every`` steps and at the end (atomically: a crash keeps the previous file); calling
-again with the same workdir resumes from it. After training, `latent_scaling_factor` measures
+again with the same workdir resumes from it. ``decoder_only`` fine-tunes the decoder (from
+``init_params``) with the encoder frozen, so latents encoded before stay valid. After training, `latent_scaling_factor` measures
 1 / std of the posterior means on some images: the value diffusers keeps as
 ``scaling_factor`` in the VAE config (0.18215 for SD's VAE).
 """
@@ -44,8 +45,12 @@ class AutoencoderTrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     seed: int = 0
+    decoder_only: bool = False    # freeze the encoder side (encoder, quant_conv): the latents do not change
     checkpoint_every: int = 200
     log_every: int = 50
+
+
+ENCODER_SIDE = ("encoder", "quant_conv")
 
 
 @flax.struct.dataclass
@@ -59,17 +64,29 @@ class AutoencoderState:
 def make_optimizer(cfg: AutoencoderTrainConfig) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
-    return optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay))
+    tx = optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay))
+    if not cfg.decoder_only:
+        return tx
+    side = lambda params: {k: "frozen" if k in ENCODER_SIDE else "trained" for k in params}  # noqa: E731
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, side)
 
 
-def init_state(model: AutoencoderKL, cfg: AutoencoderTrainConfig, tx, image_shape) -> AutoencoderState:
+def init_state(model: AutoencoderKL, cfg: AutoencoderTrainConfig, tx, image_shape,
+               init_params: Optional[dict] = None) -> AutoencoderState:
     key, init_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"])(init_key)
+    if init_params is not None:
+        if jax.tree.structure(init_params) != jax.tree.structure(params) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(params))):
+            raise ValueError("init_params do not match the autoencoder config")
+        params = jax.tree.map(jnp.asarray, init_params)
     return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
 
 
 def loss_terms(model: AutoencoderKL, params, images, key, cfg: AutoencoderTrainConfig) -> dict:
     mean, logvar = model.apply({"params": params}, images, method=model.encode)
+    if cfg.decoder_only:
+        mean, logvar = jax.lax.stop_gradient((mean, logvar))
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = model.apply({"params": params}, z, method=model.decode)
     diff = recon - images
@@ -117,15 +134,19 @@ def restore_state(template: AutoencoderState, workdir: str) -> Optional[Autoenco
 
 
 def train_autoencoder(vae_config: VAEConfig, batches: Iterable[np.ndarray], cfg: AutoencoderTrainConfig,
-                      workdir: Optional[str] = None, progress: bool = True) -> dict:
-    """Train (or resume) and return the params (numpy pytree)."""
+                      workdir: Optional[str] = None, progress: bool = True,
+                      init_params: Optional[dict] = None) -> dict:
+    """Train (or resume) and return the params (numpy pytree). ``init_params``: start from these
+    (a saved state in ``workdir`` takes precedence); required with ``cfg.decoder_only``."""
+    if cfg.decoder_only and init_params is None:
+        raise ValueError("decoder_only fine-tunes a trained autoencoder: pass its init_params")
     from tqdm.auto import tqdm
 
     model = AutoencoderKL(vae_config)
     tx = make_optimizer(cfg)
     batches = iter(batches)
     first = np.asarray(next(batches), np.float32)
-    state = init_state(model, cfg, tx, first.shape[1:])
+    state = init_state(model, cfg, tx, first.shape[1:], init_params)
     if workdir:
         restored = restore_state(state, workdir)
         if restored is not None:

@@ -51,6 +51,13 @@ def evaluate(edit_fn: EditFn, examples: Sequence[Example], progress: bool = Fals
     return scores, edited
 
 
+def autoencoder_ceiling(autoencode: Callable[[list], Sequence], examples: Sequence[Example],
+                        progress: bool = False) -> list[dict]:
+    """Scores of the expected outputs passed through a model's autoencoder (``autoencode``: PIL
+    images -> PIL images): what a perfect editor would score with that VAE."""
+    return score_images(examples, list(autoencode([e.output_image() for e in examples])), progress)
+
+
 def _clean(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
