@@ -8,7 +8,7 @@
 #
 # Every stage resumes: run the same command again after an interruption. Settings (environment):
 #   WORK (out/demo), OUT (ip2p_jax/demo_model), PY (.venv/bin/python), NUM_PROMPTS (40000),
-#   VAE_STEPS (800), DECODER_STEPS (3000: decoder fine-tune, encoder frozen), EDITOR_STEPS (9600),
+#   VAE_STEPS (800), DECODER_STEPS (5000: decoder fine-tune, encoder frozen), EDITOR_STEPS (9600),
 #   DECAY_STEPS (1600: the editor's rate, constant after warm-up, falls linearly to 0 over the last
 #   DECAY_STEPS steps), BATCH (64), WORKERS (2), EVAL_NUM (500).
 # Runs on CPU (hours) or, with a CUDA jax, on a GPU (minutes); see ip2p_jax/datagen/demo_model.py.
@@ -20,7 +20,7 @@ OUT=${OUT:-ip2p_jax/demo_model}
 PY=${PY:-.venv/bin/python}
 NUM_PROMPTS=${NUM_PROMPTS:-40000}
 VAE_STEPS=${VAE_STEPS:-800}
-DECODER_STEPS=${DECODER_STEPS:-3000}
+DECODER_STEPS=${DECODER_STEPS:-5000}
 EDITOR_STEPS=${EDITOR_STEPS:-9600}
 DECAY_STEPS=${DECAY_STEPS:-1600}
 BATCH=${BATCH:-64}

@@ -169,7 +169,7 @@ def train_vae(workdir: str, steps: int, batch_size: int = 32, learning_rate: flo
 
 
 def refine_decoder(workdir: str, steps: int, batch_size: int = 32, learning_rate: float = 5e-4,
-                   seed: int = 1, progress: bool = True, crop: int = 32) -> dict:
+                   seed: int = 1, progress: bool = True, crop: int = 32, decay_steps: int = 0) -> dict:
     """Fine-tune the decoder of the workdir's VAE (state in <workdir>/vae_decoder, resumable) with
     the encoder frozen, then replace the VAE params and record the PSNR before and after."""
     import flax
@@ -183,7 +183,7 @@ def refine_decoder(workdir: str, steps: int, batch_size: int = 32, learning_rate
     held_out = random_scene_images(np.random.default_rng([seed, 0x7E57]), 64).astype(np.float32) / 127.5 - 1
     psnr_before = metrics.get("psnr_db_before_decoder") or reconstruction_psnr(cfg, before, held_out)
     tcfg = AutoencoderTrainConfig(steps=steps, learning_rate=learning_rate, decoder_only=True, seed=seed,
-                                  checkpoint_every=min(200, steps))
+                                  decay_steps=decay_steps, checkpoint_every=min(200, steps))
     params = train_autoencoder(cfg, vae_batches(seed, batch_size, crop, pool=max(64, 16 * batch_size)), tcfg,
                                workdir=os.path.join(workdir, "vae_decoder"), progress=progress, init_params=before)
     psnr = reconstruction_psnr(cfg, params, held_out)
@@ -528,10 +528,11 @@ def main(argv=None) -> int:
     v.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("decoder", help="fine-tune the VAE decoder with the encoder frozen (latents stay valid)")
     d.add_argument("--workdir", required=True)
-    d.add_argument("--steps", type=int, default=3000)
+    d.add_argument("--steps", type=int, default=5000)
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--learning-rate", type=float, default=5e-4)
     d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--decay-steps", type=int, default=2000, help="linear cool-down of the rate over the last N steps")
     u = sub.add_parser("unpack", help="a demo model's tokenizer, VAE and configs into a fresh workdir "
                                       "(instead of vae), to go on training its editor (editor --init-from)")
     u.add_argument("--model", required=True)
@@ -555,7 +556,8 @@ def main(argv=None) -> int:
         if args.stage == "vae":
             train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)
         elif args.stage == "decoder":
-            refine_decoder(args.workdir, args.steps, args.batch_size, args.learning_rate, args.seed, progress=False)
+            refine_decoder(args.workdir, args.steps, args.batch_size, args.learning_rate, args.seed, progress=False,
+                           decay_steps=args.decay_steps)
         elif args.stage == "unpack":
             unpack(args.model, args.workdir)
         elif args.stage == "encode":

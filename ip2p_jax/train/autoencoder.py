@@ -39,6 +39,7 @@ class AutoencoderTrainConfig:
     steps: int = 2000
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    decay_steps: int = 0          # a linear cool-down of the rate to 0 over the last decay_steps steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     kl_weight: float = 1e-5
@@ -63,6 +64,9 @@ class AutoencoderState:
 
 def make_optimizer(cfg: AutoencoderTrainConfig) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.decay_steps > 0:
+        cool_down = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.decay_steps)
+        lr = optax.join_schedules([lr, cool_down], [max(cfg.steps - cfg.decay_steps, 0)])
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     tx = optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay))
     if not cfg.decoder_only:
