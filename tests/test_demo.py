@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -282,6 +283,62 @@ def test_unpack_the_shipped_model(tmp_path, capsys):
     # a model whose networks differ from the workdir's configs
     with pytest.raises(ValueError, match="do not match"):
         dm.warm_start_params(model, {"unet": {}, "text_encoder": {}})
+
+
+def _without_top_attention(model: str, out: str) -> str:
+    """A copy of the demo model whose UNet has no cross-attention at the latent resolution."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model, out)
+    unet = os.path.join(out, "unet")
+    weights = os.path.join(unet, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    last = len(dm.UNET_CONFIG["up_block_types"]) - 1
+    save_file({k: v for k, v in tensors.items()
+               if not k.startswith(("down_blocks.0.attentions.", f"up_blocks.{last}.attentions."))}, weights)
+    with open(os.path.join(unet, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["down_block_types"][0], cfg["up_block_types"][last] = "DownBlock2D", "UpBlock2D"
+    with open(os.path.join(unet, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
+def test_warm_start_grows_cross_attention_as_identities(tmp_path, capsys):
+    """unpack --recipe-unet + warm start: an older model without 16x16 cross-attention grows it; the
+    new blocks start as identities, so the grown UNet computes what the model did."""
+    import jax
+    import jax.numpy as jnp
+
+    from ip2p_jax.weights import load_diffusers_folder
+
+    old = _without_top_attention(demo.demo_model_path(), str(tmp_path / "old"))
+    full_attention = {**dm.UNET_CONFIG, "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+                      "up_block_types": ["CrossAttnUpBlock2D"] * 3}
+    with mock.patch.object(dm, "UNET_CONFIG", full_attention):
+        assert dm.main(["unpack", "--model", old, "--workdir", str(tmp_path / "run"), "--recipe-unet"]) == 0
+    base = dm.read_base(str(tmp_path / "run"))
+    assert base["unet"] == full_attention
+    _, _, unet, text = dm.editor_models(base)
+    x, t, ctx = jnp.ones((2, 16, 16, 8)), jnp.array([10, 900]), jax.random.normal(jax.random.PRNGKey(1), (2, 77, 64))
+    fresh = {"unet": unet.init(jax.random.PRNGKey(0), x[:1], t[:1], ctx[:1])["params"],
+             "text_encoder": text.init(jax.random.PRNGKey(0), jnp.zeros((1, 77), jnp.int32))["params"]}
+    grown = dm.warm_start_params(old, fresh)
+    assert "3 cross-attention blocks added" in capsys.readouterr().out   # 1 down, 2 up
+    assert jax.tree.map(np.shape, grown) == jax.tree.map(np.shape, fresh)
+    new_block = grown["unet"]["down_blocks_0"]["attentions_0"]
+    assert not np.any(new_block["proj_out"]["kernel"]) and np.any(new_block["proj_in"]["kernel"])
+
+    comps = load_diffusers_folder(old)
+    _, _, old_unet, _ = dm.editor_models({**base, "unet": comps.unet_config.to_dict()})
+    want = old_unet.apply({"params": comps.unet_params}, x, t, ctx)
+    np.testing.assert_allclose(unet.apply({"params": grown["unet"]}, x, t, ctx), want, atol=1e-5)
+    # everything but whole new cross-attention blocks must match
+    del fresh["unet"]["down_blocks_1"]["attentions_0"]["proj_in"]
+    with pytest.raises(ValueError, match="do not match.*down_blocks_1/attentions_0/proj_in"):
+        dm.warm_start_params(old, fresh)
 
 
 def test_pair_batches_depend_only_on_seed_and_step():

@@ -207,9 +207,11 @@ def load_vae_params(workdir: str) -> dict:
         return flax.serialization.from_bytes(template, f.read())
 
 
-def unpack(model: str, workdir: str) -> dict:
+def unpack(model: str, workdir: str, recipe_unet: bool = False) -> dict:
     """An assembled demo model -> a workdir with its tokenizer, VAE and configs (instead of the vae
-    stage), so that the editor can go on training from its weights: encode, then editor --init-from."""
+    stage), so that the editor can go on training from its weights: encode, then editor --init-from.
+    ``recipe_unet``: this recipe's UNet config (UNET_CONFIG) instead of the model's, e.g. to grow
+    cross-attention into an older model's UNet (see warm_start_params)."""
     import flax
 
     from ip2p_jax.weights import load_diffusers_folder
@@ -227,7 +229,8 @@ def unpack(model: str, workdir: str) -> dict:
     info_path = os.path.join(model, "training.json")
     info = read_json(info_path) if os.path.isfile(info_path) else {}
     base = {"vae": plain(comps.vae_config), "text_encoder": plain(comps.text_config),
-            "unet": plain(comps.unet_config), "scheduler": dict(comps.scheduler_config),
+            "unet": dict(UNET_CONFIG) if recipe_unet else plain(comps.unet_config),
+            "scheduler": dict(comps.scheduler_config),
             "vae_metrics": info.get("vae", {}),
             "warm_start": {"model": model, "editor_steps": info.get("editor_steps")}}
     _write_json(os.path.join(workdir, BASE_FILE), base)
@@ -415,19 +418,35 @@ def train_editor(workdir: str, cfg: EditorTrainConfig, pairs_path: Optional[str]
 
 
 def warm_start_params(model: str, fresh: dict) -> dict:
-    """The UNet and text encoder weights of an assembled demo model, checked against the fresh init."""
+    """The UNet and text encoder weights of an assembled demo model, checked against the fresh init.
+
+    The workdir's UNet may grow the model's: a cross-attention block (``attentions_<j>``) that the
+    model lacks keeps its fresh weights with a zero ``proj_out``, so it starts as the identity and
+    the grown network computes exactly what the model did. Anything else must match."""
     import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
 
     from ip2p_jax.weights import load_diffusers_folder
 
     comps = load_diffusers_folder(model, dtype=np.float32)
-    params = {"unet": comps.unet_params, "text_encoder": comps.text_params}
-    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)   # noqa: E731
-    if shapes(params) != shapes(fresh):
-        raise ValueError(f"{model}: its UNet / text encoder do not match this workdir's configs "
-                         f"(unpack it into a fresh workdir: demo_model unpack --model {model})")
+    have = flatten_dict({"unet": comps.unet_params, "text_encoder": comps.text_params})
+    want = flatten_dict(fresh)
+    new_blocks = {k[:i + 1] for k in set(want) - set(have) for i, name in enumerate(k)
+                  if name.startswith("attentions_") and not any(h[:i + 1] == k[:i + 1] for h in have)}
+    grown = {k for k in want if any(k[:len(b)] == b for b in new_blocks)}
+    bad = sorted("/".join(k) for k in (set(have) ^ set(want)) - grown)
+    bad += sorted("/".join(k) for k in set(have) & set(want) if have[k].shape != tuple(want[k].shape))
+    if bad:
+        raise ValueError(f"{model}: its UNet / text encoder do not match this workdir's configs ({bad[0]}, "
+                         f"{len(bad)} in all; unpack it into a fresh workdir: demo_model unpack --model {model})")
+    params = dict(have)
+    for k in grown:
+        params[k] = np.zeros(want[k].shape, np.float32) if "proj_out" in k else np.asarray(jax.device_get(want[k]))
+    if grown:
+        print(f"editor: {len(new_blocks)} cross-attention blocks added to the model's UNet "
+              f"(zero proj_out: they start as identities)", flush=True)
     print(f"editor: starting from the weights of {model}", flush=True)
-    return params
+    return unflatten_dict(params)
 
 
 def read_editor_ema(workdir: str) -> dict:
@@ -537,6 +556,9 @@ def main(argv=None) -> int:
                                       "(instead of vae), to go on training its editor (editor --init-from)")
     u.add_argument("--model", required=True)
     u.add_argument("--workdir", required=True)
+    u.add_argument("--recipe-unet", action="store_true",
+                   help="train this recipe's UNet config, not the model's: cross-attention blocks the model "
+                        "lacks are added as identities (zero proj_out) and learnt")
     e = sub.add_parser("encode", help="encode the TFDS pairs with the VAE into <workdir>/pairs.npz")
     e.add_argument("--workdir", required=True)
     e.add_argument("--data-dir", required=True, help="TFDS data dir (scripts/build_tfds.py --data-dir)")
@@ -559,7 +581,7 @@ def main(argv=None) -> int:
             refine_decoder(args.workdir, args.steps, args.batch_size, args.learning_rate, args.seed, progress=False,
                            decay_steps=args.decay_steps)
         elif args.stage == "unpack":
-            unpack(args.model, args.workdir)
+            unpack(args.model, args.workdir, args.recipe_unet)
         elif args.stage == "encode":
             encode_pairs(args.workdir, args.data_dir, args.name, max_examples=args.max_examples, progress=False)
         elif args.stage == "editor":
