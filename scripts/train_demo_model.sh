@@ -12,6 +12,7 @@
 #   DECAY_STEPS (1600: the editor's rate, constant after warm-up, falls linearly to 0 over the last
 #   DECAY_STEPS steps), BATCH (64), WORKERS (2), EVAL_NUM (500).
 # Runs on CPU (hours) or, with a CUDA jax, on a GPU (minutes); see ip2p_jax/datagen/demo_model.py.
+# The shipped model was trained with an earlier UNet and later grown to this one (README: The demo model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
