@@ -430,8 +430,9 @@ def warm_start_params(model: str, fresh: dict) -> dict:
     comps = load_diffusers_folder(model, dtype=np.float32)
     have = flatten_dict({"unet": comps.unet_params, "text_encoder": comps.text_params})
     want = flatten_dict(fresh)
+    have_prefixes = {h[:i] for h in have for i in range(1, len(h) + 1)}
     new_blocks = {k[:i + 1] for k in set(want) - set(have) for i, name in enumerate(k)
-                  if name.startswith("attentions_") and not any(h[:i + 1] == k[:i + 1] for h in have)}
+                  if name.startswith("attentions_") and k[:i + 1] not in have_prefixes}
     grown = {k for k in want if any(k[:len(b)] == b for b in new_blocks)}
     bad = sorted("/".join(k) for k in (set(have) ^ set(want)) - grown)
     bad += sorted("/".join(k) for k in set(have) & set(want) if have[k].shape != tuple(want[k].shape))
