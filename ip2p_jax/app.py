@@ -10,11 +10,13 @@ import argparse
 import random
 import sys
 
+from ip2p_jax.errors import Ip2pError
+
 MISSING_GRADIO = ("the web UI needs gradio, which is not installed: pip install 'ip2p_jax[app]' "
                   "(or pip install gradio)")
 
 
-class AppError(ValueError):
+class AppError(Ip2pError):
     """The UI cannot start (missing optional dependency, no model)."""
 
 

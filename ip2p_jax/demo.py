@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Optional
 
+from ip2p_jax.errors import Ip2pError
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL_DIR = os.path.join(PACKAGE_DIR, "demo_model")
 DEMO_MODEL_ENV = "IP2P_JAX_DEMO_MODEL"
@@ -31,7 +33,7 @@ CELL = 128          # grid cell side (the 64x64 images are shown 2x, nearest nei
 LABEL_HEIGHT = 30
 
 
-class DemoError(ValueError):
+class DemoError(Ip2pError):
     """The demo model or the examples are missing or damaged."""
 
 

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ip2p_jax.errors import Ip2pError
+
 # Larger inputs are refused before decoding (50 MP is about 8700 x 5800).
 DEFAULT_MAX_PIXELS = 50_000_000
 # An image whose short side is below this is upscaled to it (with a warning) before editing.
@@ -24,7 +26,7 @@ RESIZE_MODES = ("authors", "keep")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-class ImageError(ValueError):
+class ImageError(Ip2pError):
     """An input image cannot be used; the message names the file (or item) and the problem."""
 
 

@@ -158,7 +158,7 @@ class EditPipeline:
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N, 77, D) last hidden states in the compute dtype. Batches are padded to a power of two
         so a few compiled shapes serve every call."""
-        from ip2p_jax.data.tokenize import tokenize
+        from ip2p_jax.tokenizer import tokenize
 
         ids = tokenize(self.tokenizer, list(texts))
         n = len(ids)

@@ -58,7 +58,7 @@ def per_example_cpu(pipe, n: int, draft: bool) -> dict:
 
     from ip2p_jax.data import augment as aug
     from ip2p_jax.data.builder import IMAGE_FEATURES
-    from ip2p_jax.data.tokenize import fast_tokenizer, tokenize
+    from ip2p_jax.tokenizer import fast_tokenizer, tokenize
 
     cfg, src, tok = pipe.config.augment, pipe.source, fast_tokenizer(pipe.tokenizer)
     stages = dict.fromkeys(["read record", "decode", "resize+crop+flip", "to float", "tokenise"], 0.0)

@@ -57,7 +57,7 @@ TINY = {  # the peer script's --tiny shapes
 
 class WordTokenizer:
     """Stand-in for the CLIP tokenizer (weights are random, so token identity is irrelevant):
-    BOS, one stable id per word, EOS, with the interface ip2p_jax.data.tokenize uses."""
+    BOS, one stable id per word, EOS, with the interface ip2p_jax.tokenizer uses."""
 
     def __init__(self, vocab_size: int, bos: int, eos: int):
         self.vocab_size, self.bos_token_id, self.eos_token_id, self.pad_token_id = vocab_size, bos, eos, eos

@@ -27,7 +27,7 @@ from ip2p_jax.data.augment import AugmentConfig
 from ip2p_jax.data.builder import open_dataset
 from ip2p_jax.data.multihost import to_global
 from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
-from ip2p_jax.data.tokenize import FastTokenizer
+from ip2p_jax.tokenizer import FastTokenizer
 
 tok = FastTokenizer(*json.load(open(tok)))  # no transformers import here
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))

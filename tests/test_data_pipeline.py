@@ -10,7 +10,7 @@ import tiny
 from ip2p_jax.data import builder as B
 from ip2p_jax.data.augment import AugmentConfig
 from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig, PipelineError
-from ip2p_jax.data.tokenize import tokenize
+from ip2p_jax.tokenizer import tokenize
 
 AUG = AugmentConfig(min_resize=34, max_resize=40, crop_size=32)
 
@@ -167,7 +167,7 @@ import numpy as np
 from ip2p_jax.data.builder import open_dataset
 from ip2p_jax.data.augment import AugmentConfig
 from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
-from ip2p_jax.data.tokenize import FastTokenizer
+from ip2p_jax.tokenizer import FastTokenizer
 
 def run(workers, steps, state=None):
     cfg = PipelineConfig(global_batch_size=8, augment=AugmentConfig(34, 40, 32), worker_count=workers)

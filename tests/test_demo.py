@@ -100,7 +100,7 @@ def test_examples_are_shapes_world_scenes_with_valid_instructions():
 def test_shapes_tokenizer_round_trips_in_hf_format(tmp_path):
     from transformers import CLIPTokenizer
 
-    from ip2p_jax.data.tokenize import load_tokenizer, tokenize
+    from ip2p_jax.tokenizer import load_tokenizer, tokenize
     from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer, shapes_words
 
     build_tokenizer(str(tmp_path / "tokenizer"))
@@ -117,7 +117,7 @@ def test_shapes_tokenizer_round_trips_in_hf_format(tmp_path):
 def test_shipped_tokenizer_matches_the_builder(tmp_path):
     from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer
 
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
 
     built = build_tokenizer(str(tmp_path / "tok"))
     assert load_tokenizer(demo.demo_model_path()).get_vocab() == built.get_vocab()

@@ -61,7 +61,7 @@ def test_processes_read_disjoint_slices(runs):
         assert len(b0) == len(b1) == 4                       # global batch 8 = 2 hosts x 4
         assert not set(b0) & set(b1)                        # different examples on each host
     # the hosts' slices together are exactly the single-host stream's global batches
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
     from ip2p_jax.train.synthetic import SyntheticPairs
 
     single = SyntheticPairs(load_tokenizer(runs["tok"]), resolution=16, global_batch_size=8, seed=0)

@@ -11,7 +11,6 @@ _EXPORTS = {
     "EditPairPipeline": "pipeline", "PipelineConfig": "pipeline", "PipelineError": "pipeline",
     "make_pipeline": "pipeline",
     "to_global": "multihost", "global_batches": "multihost", "batch_sharding": "multihost",
-    "load_tokenizer": "tokenize", "TokenizerError": "tokenize",  # tokenize(): ip2p_jax.data.tokenize
 }
 
 __all__ = sorted(_EXPORTS)

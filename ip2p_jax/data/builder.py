@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.data import sources as src
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ MAX_KEPT_REJECTIONS = 10_000
 SHARD_BYTES = 1 << 30  # start a new array_record file past this size
 
 
-class BuildError(ValueError):
+class BuildError(Ip2pError):
     """The build cannot produce a dataset (empty source, strict-mode rejection, ...)."""
 
 

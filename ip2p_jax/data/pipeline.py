@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.data import augment as aug
 from ip2p_jax.data.builder import IMAGE_FEATURES, encoded_source, open_dataset, read_prompt_hashes
-from ip2p_jax.data.tokenize import MAX_LENGTH, fast_tokenizer, load_tokenizer, tokenize
+from ip2p_jax.tokenizer import MAX_LENGTH, fast_tokenizer, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ BATCH_KEYS = ("input_image", "edited_image", "input_ids", "index")
 STATE_VERSION = 1
 
 
-class PipelineError(ValueError):
+class PipelineError(Ip2pError):
     """Bad pipeline settings or an iterator state that does not fit this pipeline."""
 
 

@@ -18,12 +18,14 @@ import os
 import re
 from typing import Iterator
 
+from ip2p_jax.errors import Ip2pError
+
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-class SourceError(ValueError):
+class SourceError(Ip2pError):
     """The source as a whole is unusable (missing, empty, malformed index file)."""
 
 

@@ -80,7 +80,7 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 def make_tokenizer(workdir: str):
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
     from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer
 
     folder = tokenizer_dir(workdir)
@@ -259,7 +259,7 @@ def encode_pairs(workdir: str, data_dir: str, name: str = "shapes", split: str =
     from tqdm.auto import tqdm
 
     from ip2p_jax.data.builder import encoded_source, open_dataset
-    from ip2p_jax.data.tokenize import tokenize
+    from ip2p_jax.tokenizer import tokenize
     from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
 
     base = read_base(workdir)

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax import jsonl
 
 PROMPT_KEYS = ("input", "edit", "output")
@@ -31,7 +32,7 @@ _PARTIAL = ".partial"
 _PARTIAL_RE = re.compile(r"^(\d{7})-(\d+)$")
 
 
-class LayoutError(ValueError):
+class LayoutError(Ip2pError):
     """A prompts file or output folder that cannot be used; the message names the file."""
 
 

@@ -6,7 +6,7 @@ and instruction templates (so every such word is one token), then ``<|startoftex
 ``<|endoftext|>``. Any other text still tokenizes (it falls back to byte symbols). The folder
 holds ``vocab.json`` + ``merges.txt`` (what older hub folders have) and whatever transformers
 writes with ``save_pretrained`` (``tokenizer.json`` + ``tokenizer_config.json`` in v5), so both
-``ip2p_jax.data.tokenize.load_tokenizer`` and ``transformers.CLIPTokenizer.from_pretrained``
+``ip2p_jax.tokenizer.load_tokenizer`` and ``transformers.CLIPTokenizer.from_pretrained``
 read it.
 """
 from __future__ import annotations

@@ -15,13 +15,15 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
 BETA_SCHEDULES = ("scaled_linear", "linear")
 # Where the float32 alphas_cumprod comes from: diffusers computes betas in float32 torch;
 # the authors' LatentDiffusion (CompVis) computes in float64 and stores float32.
 REFERENCES = ("diffusers", "ldm")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(Ip2pError):
     """A schedule or sampler setting that is unknown, unsupported or out of range."""
 
 

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ip2p_jax.errors import Ip2pError
+
 METRICS = ("sim_direction", "sim_image", "sim_0", "sim_1")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,7 +38,7 @@ DEFAULT_BATCH_SIZE = 32
 _EPS = 1e-8   # torch.nn.functional.cosine_similarity's default
 
 
-class ClipModelError(ValueError):
+class ClipModelError(Ip2pError):
     """A CLIP model folder that is missing, incomplete or unreadable; the message names the path."""
 
 
@@ -197,7 +199,7 @@ def mean_scores(scores: Mapping[str, Sequence[float]]) -> dict[str, float]:
 def load_clip_folder(path: str, *, dtype=np.float32):
     """A transformers CLIPModel folder (config.json, model.safetensors or pytorch_model.bin,
     tokenizer files, optional preprocessor_config.json) -> (CLIPConfig, params, tokenizer, processor)."""
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
     from ip2p_jax.models import clip
     from ip2p_jax.weights.io import find_weights, read_json, read_state_dict
 
@@ -293,7 +295,7 @@ class ClipScorer:
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         """(N, projection_dim) float32 text features (not normalised); texts over the model's
         length are truncated (with a warning)."""
-        from ip2p_jax.data.tokenize import tokenize
+        from ip2p_jax.tokenizer import tokenize
 
         texts = list(texts)
         if any(not isinstance(t, str) for t in texts):

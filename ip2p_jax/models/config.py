@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, TypeVar
 
+from ip2p_jax.errors import Ip2pError
+
 T = TypeVar("T")
 
 # Bookkeeping keys diffusers / transformers write into config.json; never meaningful for the math.
@@ -14,7 +16,7 @@ META_KEYS = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ConfigError(Ip2pError):
     """A config asks for something this implementation does not support, or is malformed."""
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.models import clip as clip_lib, unet as unet_lib, vae as vae_lib
 from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
@@ -35,7 +36,7 @@ DEFAULT_SCHEDULER = {  # what we write into exported folders when the run had no
 }
 
 
-class BuildError(ValueError):
+class BuildError(Ip2pError):
     """The run's model settings are inconsistent or incomplete."""
 
 
@@ -132,7 +133,7 @@ def build(config, *, load_weights: bool = True) -> Built:
         if not m.tokenizer:
             raise BuildError("training from scratch without model.frozen_from needs model.tokenizer "
                              "(a tokenizer folder, or a model folder with tokenizer/)")
-        from ip2p_jax.data.tokenize import load_tokenizer
+        from ip2p_jax.tokenizer import load_tokenizer
         tokenizer, scheduler_config = load_tokenizer(m.tokenizer), dict(DEFAULT_SCHEDULER)
         # a bare vocab.json + merges.txt folder leaves model_max_length "unlimited"; readers such as
         # diffusers pad to it, so pin it to the text encoder's context length.
@@ -164,7 +165,7 @@ def build(config, *, load_weights: bool = True) -> Built:
         if text_params is None:
             text_params = random_params(clip_lib.abstract_params(text_config), config.seed + 2)
 
-    from ip2p_jax.data.tokenize import tokenize
+    from ip2p_jax.tokenizer import tokenize
     null_ids = tokenize(tokenizer, [""])
     params = {"unet": unet_params}
     frozen = {"vae": vae_params, "alphas_cumprod": schedule.alphas_cumprod()}

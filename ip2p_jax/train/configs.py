@@ -15,10 +15,12 @@ import importlib.util
 import os
 from typing import Iterable, Sequence
 
+from ip2p_jax.errors import Ip2pError
+
 PREFIX = "--config."
 
 
-class ConfigOverrideError(ValueError):
+class ConfigOverrideError(Ip2pError):
     """A --config file or override that cannot be applied."""
 
 

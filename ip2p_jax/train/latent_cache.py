@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
 INFO_FILE = "cache_info.json"
 RECORDS_FILE = "latents.array_record"
 KEYS = ("input_moments", "edited_moments", "text_embedding")
 STATE_VERSION = 1
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(Ip2pError):
     """A cache folder that is missing, incomplete or does not fit the run."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.build import Built, build, export_components
 from ip2p_jax.train.checkpoint import Checkpointer
 from ip2p_jax.train.data import make_train_data, model_inputs
@@ -29,7 +30,7 @@ from ip2p_jax.train.state import OptimizerConfig, abstract_train_state, learning
 log = logging.getLogger("ip2p_jax.train")
 
 
-class TrainingStopped(ValueError):
+class TrainingStopped(Ip2pError):
     """The run cannot go on (non-finite losses, bad settings); the message says why and what is kept."""
 
 

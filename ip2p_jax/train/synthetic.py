@@ -43,7 +43,7 @@ class SyntheticPairs:
                  num_examples: int = 0, process_index: int = 0, process_count: int = 1):
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
-        from ip2p_jax.data.tokenize import tokenize
+        from ip2p_jax.tokenizer import tokenize
 
         self.local = global_batch_size // process_count
         self.global_batch, self.offset = global_batch_size, process_index * self.local

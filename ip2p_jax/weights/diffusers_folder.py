@@ -86,7 +86,7 @@ def load_diffusers_folder(path: str, dtype=np.float32, variant: str | None = Non
     Weights are read from `<stem>.safetensors` (no torch needed), sharded safetensors, or `.bin`
     (torch needed); `variant="fp16"` picks `<stem>.fp16.safetensors`. Params are cast to `dtype`.
     """
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
 
     path = os.fspath(path)
     if not os.path.isdir(path):

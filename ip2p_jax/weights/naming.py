@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from ip2p_jax.errors import Ip2pError
+
 # PyTorch ModuleList / Sequential attributes whose integer children are flattened to `name_i`.
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
@@ -24,7 +26,7 @@ IGNORED_TORCH_KEYS = re.compile(r"(^|\.)(position_ids|num_batches_tracked)$")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-class WeightsError(ValueError):
+class WeightsError(Ip2pError):
     """A weight file or state dict does not fit the model: says which file and what is wrong."""
 
 

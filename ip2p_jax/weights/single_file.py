@@ -144,7 +144,7 @@ def _configs(config, ckpt: Mapping[str, Any], source: str) -> tuple[dict, dict, 
 
 
 def _tokenizer(tokenizer, folder_hint):
-    from ip2p_jax.data.tokenize import load_tokenizer
+    from ip2p_jax.tokenizer import load_tokenizer
     from ip2p_jax.weights.hub import SD_TOKENIZER_REPO, download_tokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax import sharding
 from ip2p_jax.diffusion import samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
@@ -25,7 +26,7 @@ ROWS_PER_PAIR = 4            # [uncond img0, uncond img1, cond img0, cond img1]
 _INJECTED_SOURCE = np.array([0, 0, 2, 2])   # img1 rows read img0's maps (authors' sims[0], sims[2])
 
 
-class PairModelError(ValueError):
+class PairModelError(Ip2pError):
     """A model that cannot generate pairs (e.g. an InstructPix2Pix UNet); the message names it."""
 
 
@@ -161,7 +162,7 @@ class PairSampler:
 
     def encode_text(self, texts) -> np.ndarray:
         """(N, 77, D) last hidden states; batches padded to a power of two (few compiled shapes)."""
-        from ip2p_jax.data.tokenize import tokenize
+        from ip2p_jax.tokenizer import tokenize
 
         ids = tokenize(self.tokenizer, list(texts))
         n = len(ids)

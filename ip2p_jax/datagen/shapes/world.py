@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
 # Named palette, chosen to be far apart in RGB.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -47,7 +49,7 @@ CELL_CENTERS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))  # (x, y
 MAX_OBJECTS = 3
 
 
-class SceneError(ValueError):
+class SceneError(Ip2pError):
     """A scene, caption or edit that the shapes world does not allow."""
 
 

@@ -9,7 +9,7 @@ import pytest
 import tiny
 import pickle
 
-from ip2p_jax.data.tokenize import TokenizerError, fast_tokenizer, load_tokenizer, tokenize
+from ip2p_jax.tokenizer import TokenizerError, fast_tokenizer, load_tokenizer, tokenize
 
 TEXTS = ["make it winter", "Turn the  RED dog\tinto a cat!!", "", "ünïcode, photo of the sky?",
          " ".join(["winter"] * 90), "it's the dog's background"]
@@ -63,10 +63,10 @@ def test_custom_pad_token_and_length(folders, tmp_path):
 def test_truncation_warns(folders, caplog):
     root, _ = folders
     tok = load_tokenizer(str(root / "bpe"))
-    with caplog.at_level(logging.WARNING, logger="ip2p_jax.data.tokenize"):
+    with caplog.at_level(logging.WARNING, logger="ip2p_jax.tokenizer"):
         tokenize(tok, ["make it winter"])
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="ip2p_jax.data.tokenize"):
+    with caplog.at_level(logging.WARNING, logger="ip2p_jax.tokenizer"):
         tokenize(tok, [" ".join(["dog"] * 100)])
     assert "truncated" in caplog.text
 

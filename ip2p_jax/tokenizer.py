@@ -13,12 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
 log = logging.getLogger(__name__)
 
 MAX_LENGTH = 77
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Ip2pError):
     """A tokenizer folder that cannot be found or read."""
 
 
