@@ -23,31 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ip2p_jax import dtypes, placement, sharding
 from ip2p_jax import images as imlib
-from ip2p_jax import sharding
 from ip2p_jax.diffusion import guidance, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.progress import progress as progress_bar
+from ip2p_jax.weights import load
 
-DTYPE_NAMES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
-               "fp16": jnp.float16, "float16": jnp.float16}
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
 RANDOM_IMAGE_SCALE = (1.2, 1.8)
 PER_DEVICE_BATCH = 8               # default edits per device in one compiled call
 SEED_LIMIT = 2 ** 32
 
 
-def resolve_dtype(dtype) -> jnp.dtype:
-    """None -> bfloat16 on GPU/TPU, float32 on CPU; names 'fp32'/'bf16'/'fp16' or dtypes."""
-    if dtype is None:
-        return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
-        return jnp.dtype(DTYPE_NAMES[dtype])
-    d = jnp.dtype(dtype)
-    if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {d}")
-    return d
+class EditError(Ip2pError):
+    """A model that cannot edit, or an edit request that cannot be run; the message says why."""
 
 
 @dataclasses.dataclass
@@ -96,55 +87,49 @@ class EditPipeline:
     """An InstructPix2Pix model placed on a device mesh, ready to edit.
 
     components: ip2p_jax.weights.Components (configs, numpy params, tokenizer, scheduler config).
-    dtype: params and compute dtype (None: bf16 on GPU/TPU, fp32 on CPU).
+    dtype: params and compute dtype (None: bf16 on GPU/TPU, fp32 on CPU; see ip2p_jax.dtypes).
     mesh: a ('data',) mesh (default: all devices; see ip2p_jax.sharding.data_mesh).
     attention_impl: "auto" (cuDNN fused attention on GPU in bf16/fp16), "xla" or "cudnn".
+    The model is placed on the mesh by ip2p_jax.placement.
     """
 
     def __init__(self, components, *, dtype=None, mesh: Mesh | None = None, attention_impl: str = "auto",
                  source: str | None = None):
-        from ip2p_jax.models.clip import CLIPTextModel
-        from ip2p_jax.models.unet import UNet2DConditionModel
-        from ip2p_jax.models.vae import AutoencoderKL
-
         c = components
-        self.dtype = resolve_dtype(dtype)
-        self.mesh = mesh if mesh is not None else sharding.data_mesh()
-        if sharding.DATA not in self.mesh.axis_names or len(self.mesh.axis_names) != 1:
-            raise ValueError(f"EditPipeline needs a 1-D ('data',) mesh, got axes {self.mesh.axis_names}")
+        if mesh is not None and (sharding.DATA not in mesh.axis_names or len(mesh.axis_names) != 1):
+            raise EditError(f"EditPipeline needs a 1-D ('data',) mesh, got axes {mesh.axis_names}")
         latent = c.vae_config.latent_channels
         if c.unet_config.in_channels != 2 * latent:
-            raise ValueError(f"{source or c.source or 'model'}: not an InstructPix2Pix model: its UNet takes "
-                             f"{c.unet_config.in_channels} input channels, editing needs {2 * latent} "
-                             "(noisy latents + image latents)")
+            raise EditError(f"{source or c.source or 'model'}: not an InstructPix2Pix model: its UNet takes "
+                            f"{c.unet_config.in_channels} input channels, editing needs {2 * latent} "
+                            "(noisy latents + image latents)")
+        self.model = placement.place(c, dtype=dtype, mesh=mesh, attention_impl=attention_impl)
+        m = self.model
+        self.dtype, self.vae_dtype, self.mesh, self.tokenizer = m.dtype, m.vae_dtype, m.mesh, m.tokenizer
+        self.unet, self.vae, self.text_encoder = m.unet, m.vae, m.text_encoder
         self.source = source or c.source or ""
         self.vae_scale = 2 ** (len(c.vae_config.block_out_channels) - 1)   # pixels per latent
         self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
-        self.unet = UNet2DConditionModel(c.unet_config, dtype=self.dtype, attention_impl=attention_impl)
-        # fp16 overflows in SD's VAE at large sizes: diffusers' force_upcast runs it in fp32 (bf16 is fine).
-        upcast = self.dtype == jnp.dtype(jnp.float16) and getattr(c.vae_config, "force_upcast", False)
-        self.vae_dtype = jnp.dtype(jnp.float32) if upcast else self.dtype
-        self.vae = AutoencoderKL(c.vae_config, dtype=self.vae_dtype, attention_impl=attention_impl)
-        self.text_encoder = CLIPTextModel(c.text_config, dtype=self.dtype, attention_impl=attention_impl)
-        self.tokenizer = c.tokenizer
         self.scheduler_config = dict(c.scheduler_config or {})
         self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
-        cast = lambda tree, d=self.dtype: jax.tree.map(lambda a: jnp.asarray(a, d), tree)  # noqa: E731
-        self.params = sharding.replicate({"unet": cast(c.unet_params), "vae": cast(c.vae_params, self.vae_dtype),
-                                          "text": cast(c.text_params)}, self.mesh)
-        self._edit_jit = self._build_edit()
-        self._text_jit = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids),
-                                 out_shardings=sharding.replicated(self.mesh))
-        self._autoencode_jit = jax.jit(lambda p, x: jnp.clip(
-            self.vae.apply({"params": p}, x.astype(self.vae_dtype)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+        self._edit_jit = placement.compiled(_make_edit_function, self.unet, self.vae,
+                                            float(self.vae_config.scaling_factor), self.mesh)
+        self._autoencode_jit = placement.compiled(_make_autoencode_function, self.vae)
+
+    @property
+    def params(self) -> dict:
+        """{"unet", "vae", "text"} params on the mesh (replace entries to edit with other weights)."""
+        return self.model.params
+
+    @params.setter
+    def params(self, value: dict) -> None:
+        self.model.params = value
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, *, dtype=None, mesh: Mesh | None = None,
                         attention_impl: str = "auto", **load_kwargs) -> "EditPipeline":
         """Load a diffusers folder, single-file checkpoint or hub id (see ip2p_jax.weights.load)."""
-        from ip2p_jax.weights import load
-
-        d = resolve_dtype(dtype)
+        d = dtypes.compute_dtype(dtype)
         components = load(path_or_hub_id, dtype=np.dtype(d), **load_kwargs)
         return cls(components, dtype=d, mesh=mesh, attention_impl=attention_impl,
                    source=str(path_or_hub_id))
@@ -158,14 +143,7 @@ class EditPipeline:
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N, 77, D) last hidden states in the compute dtype. Batches are padded to a power of two
         so a few compiled shapes serve every call."""
-        from ip2p_jax.tokenizer import tokenize
-
-        ids = tokenize(self.tokenizer, list(texts))
-        n = len(ids)
-        bucket = 1 << max(1, (n - 1).bit_length())
-        ids = sharding.pad_rows(ids, bucket)
-        out = self._text_jit(self.params["text"], sharding.to_global(ids, sharding.replicated(self.mesh)))
-        return sharding.to_host(out)[:n]
+        return self.model.encode_text(texts)
 
     def autoencode(self, images: Sequence) -> list:
         """Each RGB PIL image (all one size, a multiple of the VAE factor) through the VAE: the
@@ -175,9 +153,6 @@ class EditPipeline:
             x = np.stack([imlib.to_model_array(im) for im in images[i:i + 64]])
             out += [imlib.from_unit_array(a) for a in sharding.to_host(self._autoencode_jit(self.params["vae"], x))]
         return out
-
-    def _build_edit(self):
-        return _edit_function(self.unet, self.vae, float(self.vae_config.scaling_factor), self.mesh)
 
     @staticmethod
     def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -227,16 +202,13 @@ class EditPipeline:
                           randomize_scales=randomize_scales, names=names, max_pixels=max_pixels,
                           max_edit_pixels=max_edit_pixels)
         noise = self._check_latents(latents, jobs)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(jobs), desc="editing", unit="img")
+        bar = progress_bar(total=len(jobs), desc="editing", unit="img", enabled=progress)
         try:
             for job in jobs:
                 if job.instruction == "":   # nothing to do: the resized input itself
                     arr = np.asarray(job.image, np.float32) / 255.0
                     yield EditOutput(job.image.copy(), arr, job.settings)
-                    bar and bar.update(1)
+                    bar.update(1)
             work = [j for j in jobs if j.instruction != ""]
             if not work:
                 return
@@ -263,10 +235,10 @@ class EditPipeline:
                 if pending is not None:
                     for out in self._collect(*pending):
                         yield out
-                        bar and bar.update(1)
+                        bar.update(1)
                 pending = started
         finally:
-            bar and bar.close()
+            bar.close()
 
     def _call_size(self, n: int, batch_size: int | None) -> int:
         """Rows per compiled call: batch_size (fixed, so every call reuses one compiled function),
@@ -275,7 +247,7 @@ class EditPipeline:
         if batch_size is not None:
             return sharding.padded_size(batch_size, self.num_devices)
         cap = PER_DEVICE_BATCH * self.num_devices
-        return sharding.padded_size(min(cap, 1 << max(0, (n - 1).bit_length())), self.num_devices)
+        return sharding.padded_size(min(cap, sharding.bucket_size(n)), self.num_devices)
 
     def _dispatch(self, plan, chunk: list, size: int, emb, row, null, noise):
         """Start one compiled edit on `chunk` (padded to `size` rows); returns (device result, chunk)."""
@@ -292,7 +264,7 @@ class EditPipeline:
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
-        generic, kind = _generic_plan(plan)
+        generic, kind = samplers.generic_plan(plan)
         out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         return out, chunk
@@ -307,29 +279,29 @@ class EditPipeline:
     def _jobs(self, images, instructions, *, steps, text_scale, image_scale, sampler, schedule, seed,
               num_samples, resolution, resize, randomize_scales, names, max_pixels, max_edit_pixels) -> list:
         if resize not in imlib.RESIZE_MODES:
-            raise ValueError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
+            raise EditError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+            raise EditError(f"num_samples must be a positive integer, got {num_samples!r}")
         if resize == "authors" and (int(resolution) != resolution or resolution < 64):
-            raise ValueError(f"resolution must be an integer >= 64, got {resolution!r}")
+            raise EditError(f"resolution must be an integer >= 64, got {resolution!r}")
         imgs = list(images) if isinstance(images, (list, tuple)) else [images]
         texts = [instructions] if isinstance(instructions, str) else list(instructions)
         if not imgs or not texts:
-            raise ValueError("edit needs at least one image and one instruction")
+            raise EditError("edit needs at least one image and one instruction")
         if any(not isinstance(t, str) for t in texts):
-            raise ValueError("instructions must be strings")
+            raise EditError("instructions must be strings")
         if len(imgs) == 1 and len(texts) > 1:
             imgs = imgs * len(texts)
         elif len(texts) == 1:
             texts = texts * len(imgs)
         elif len(texts) != len(imgs):
-            raise ValueError(f"{len(imgs)} images but {len(texts)} instructions: give one instruction, "
-                             "one image, or as many of each")
+            raise EditError(f"{len(imgs)} images but {len(texts)} instructions: give one instruction, "
+                            "one image, or as many of each")
         n = len(imgs)
         names = [str(x) for x in names] if names is not None else [
             x if isinstance(x, (str, os.PathLike)) else f"image {i}" for i, x in enumerate(imgs)]
         if len(names) != n:
-            raise ValueError(f"{len(names)} names for {n} images")
+            raise EditError(f"{len(names)} names for {n} images")
         names = [os.fspath(x) for x in names]
 
         seeds = output_seeds(seed, n, num_samples)
@@ -374,13 +346,13 @@ class EditPipeline:
         lat = np.asarray(latents, np.float32)
         sizes = {j.image.size for j in jobs}
         if len(sizes) != 1:
-            raise ValueError("latents can only be given when every output has the same size; got sizes "
-                             f"{sorted(sizes)}")
+            raise EditError("latents can only be given when every output has the same size; got sizes "
+                            f"{sorted(sizes)}")
         w, h = sizes.pop()
         f = self.vae_scale
         want = (len(jobs), h // f, w // f, self.vae_config.latent_channels)
         if lat.shape != want:
-            raise ValueError(f"latents must have shape (outputs, H/8, W/8, C) = {want} (NHWC), got {lat.shape}")
+            raise EditError(f"latents must have shape (outputs, H/8, W/8, C) = {want} (NHWC), got {lat.shape}")
         for jb in jobs:
             jb.settings["latents"] = "given"
         return lat
@@ -388,17 +360,9 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- the compiled edit
 
-_EDIT_FUNCTIONS: dict = {}   # pipelines of the same model shape share one jitted edit (and its compiles)
-
-
-def _edit_function(unet, vae, scaling: float, mesh: Mesh):
-    key = (unet, vae, scaling, mesh)   # Flax modules hash by their (frozen) config fields
-    if key not in _EDIT_FUNCTIONS:
-        _EDIT_FUNCTIONS[key] = _make_edit_function(unet, vae, scaling, mesh)
-    return _EDIT_FUNCTIONS[key]
-
-
 def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
+    """The whole edit as one jitted function; the sampler is a run-time argument (`kind`, an index
+    into samplers.SAMPLERS, with samplers.generic_plan), so one compile serves all four."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
@@ -411,7 +375,8 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
             return unet.apply({"params": params["unet"]}, x, t, text)
 
         eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
-        latents = sample_any(eps_fn, noise, plan, kind, _step_keys(seeds))
+        step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
+        latents = samplers.sample(eps_fn, noise, plan, step_keys, kind=kind)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
         return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -421,32 +386,9 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
                    out_shardings=batch, donate_argnums=donate)
 
 
-# ---------------------------------------------------------------------- sampling with any sampler
-
-def _step_keys(seeds):
-    """Per-output PRNG keys for the ancestral noise, from uint32 seeds (B,) (threefry)."""
-    return jax.vmap(jax.random.key)(seeds)
-
-
-def _generic_plan(plan: samplers.Plan) -> tuple[samplers.Plan, np.ndarray]:
-    """The plan with its (static) sampler name replaced by a traced index, so one compiled edit
-    serves every sampler of the same step count."""
-    return plan.replace(sampler=samplers.SAMPLERS[0]), np.int32(samplers.SAMPLERS.index(plan.sampler))
-
-
-def sample_any(eps_fn, noise, plan: samplers.Plan, kind, step_keys):
-    """ip2p_jax.diffusion.samplers.sample with the sampler chosen at run time by `kind` (an index
-    into SAMPLERS): the loop calls the same `samplers.step` through lax.switch."""
-    shape = noise.shape[1:]
-
-    def body(i, state):
-        eps = eps_fn(samplers.model_input(plan, state, i), plan.timesteps[i])
-        z = samplers.step_noise(step_keys, i, shape)
-        branches = [lambda st, e, z, name=name: samplers.step(plan.replace(sampler=name), st, i, e, z)
-                    for name in samplers.SAMPLERS]
-        return jax.lax.switch(kind, branches, state, eps, z)
-
-    return jax.lax.fori_loop(0, plan.steps, body, samplers.init_state(plan, noise)).x
+def _make_autoencode_function(vae):
+    return jax.jit(lambda p, x: jnp.clip(
+        vae.apply({"params": p}, x.astype(vae.dtype)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
 
 
 def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
@@ -458,11 +400,11 @@ def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
     else:
         per = [int(s) for s in seed]
         if len(per) != n:
-            raise ValueError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
+            raise EditError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
         seeds = [[s + k for k in range(num_samples)] for s in per]
     flat = [s for row in seeds for s in row]
     if min(flat) < 0 or max(flat) >= SEED_LIMIT:
-        raise ValueError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
+        raise EditError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
     return seeds
 
 
@@ -471,5 +413,5 @@ def _per_item(value, n: int, name: str) -> list[float]:
         return [float(value)] * n
     vals = [float(v) for v in value]
     if len(vals) != n:
-        raise ValueError(f"{name}: {len(vals)} values for {n} images (give one number, or one per image)")
+        raise EditError(f"{name}: {len(vals)} values for {n} images (give one number, or one per image)")
     return vals

@@ -1,8 +1,8 @@
 """Device meshes, batch padding and host <-> global arrays.
 
 Inference and data-parallel training use a 1-D ('data',) mesh of all devices: the batch
-axis is sharded over it, parameters are replicated. Batches are padded to a multiple of the
-device count and unpadded after.
+axis is sharded over it, parameters are replicated. Batches are padded (to a power of two, to a
+multiple of the device count) and unpadded after.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -42,6 +43,12 @@ def padded_size(n: int, multiple: int) -> int:
     return max(1, -(-n // multiple)) * multiple
 
 
+def bucket_size(n: int, *, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): padding batches to it lets a few compiled
+    shapes serve every batch size."""
+    return 1 << max(0, max(n, minimum) - 1).bit_length()
+
+
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     """Pad the leading axis to `size` by repeating the last row (keeps values finite and
     typical, e.g. valid keys / images); the padded rows are dropped after the call."""
@@ -71,7 +78,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A global array -> the full numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -149,9 +149,10 @@ def main(argv=None) -> int:
     a.steps = a.steps or (4 if a.tiny else 20)
     a.batches = a.batches or ("1,2" if a.tiny else "1,4,16")
 
-    from ip2p_jax.pipeline import EditPipeline, resolve_dtype
+    from ip2p_jax import dtypes
+    from ip2p_jax.pipeline import EditPipeline
 
-    dtype = resolve_dtype(a.dtype)
+    dtype = dtypes.compute_dtype(a.dtype)
     res = 32 if a.tiny else a.res
     t0 = time.perf_counter()
     components = random_components(TINY if a.tiny else SD15, dtype)

@@ -1,7 +1,10 @@
 """ip2p_jax.diffusion against diffusers' schedulers and the authors' k-diffusion formulas.
 
 A deterministic fake model, eps = a_c * x + b_c * sin(t / 10) per channel c, is written in
-torch (NCHW) and JAX (NHWC); the same full sampling loop must give the same latents.
+torch (NCHW) and JAX (NHWC); the same full sampling loop must give the same latents. Every loop
+test runs through `samplers.sample`, the loop the edit pipeline and the pair stage ship, twice:
+with the sampler fixed at trace time (the pair stage) and chosen at run time by a traced index
+(`kind`, what the pipeline's one compiled edit does).
 """
 import numpy as np
 import pytest
@@ -34,7 +37,8 @@ def eps_torch(x, t):
     return a * x + b * torch.sin(torch.as_tensor(t, dtype=torch.float32) / PERIOD)
 
 
-def eps_jax(x, t):
+def eps_jax(x, t, i):
+    del i   # the fake model ignores the step index
     return jnp.asarray(A_CH) * x + jnp.asarray(B_CH) * jnp.sin(jnp.asarray(t, jnp.float32) / PERIOD)
 
 
@@ -56,12 +60,12 @@ def assert_close_to_scale(ours, ref, rtol=RTOL_SCALE):
     assert err <= rtol, f"max abs error {err:.3g} of the output scale > {rtol}"
 
 
-def assert_loop_matches(plan, x, want, **kwargs):
+def assert_loop_matches(run, plan, x, want, **kwargs):
     """Our loop equals the reference, and the comparison has teeth: the same plan with every
     UNet timestep one training step off misses the reference by far more than the tolerance."""
-    assert_close_to_scale(run_jax(plan, jnp.asarray(x), **kwargs), want)
+    assert_close_to_scale(run(plan, jnp.asarray(x), **kwargs), want)
     shifted = plan.replace(timesteps=plan.timesteps + 1)
-    assert rel_err(run_jax(shifted, jnp.asarray(x), **kwargs), want) > 20 * RTOL_SCALE
+    assert rel_err(run(shifted, jnp.asarray(x), **kwargs), want) > 20 * RTOL_SCALE
 
 
 def noise(seed=0, shape=SHAPE):
@@ -78,8 +82,28 @@ def run_diffusers(sched, steps, x_nhwc):
 
 
 @jax.jit
-def run_jax(plan, x, keys=None, ancestral_noise=None):
+def run_static(plan, x, keys=None, ancestral_noise=None):
+    """samplers.sample with plan.sampler fixed at trace time."""
     return D.sample(eps_jax, x, plan, keys, ancestral_noise=ancestral_noise)
+
+
+@jax.jit
+def _run_kind(plan, kind, x, keys, ancestral_noise):
+    return D.sample(eps_jax, x, plan, keys, kind=kind, ancestral_noise=ancestral_noise)
+
+
+def run_kind(plan, x, keys=None, ancestral_noise=None):
+    """samplers.sample with the sampler chosen at run time: a generic plan and a traced index.
+    This path draws ancestral noise at every step for every sampler, so it always needs keys."""
+    generic, kind = D.generic_plan(plan)
+    keys = keys_for(range(x.shape[0])) if keys is None else keys
+    return _run_kind(generic, kind, x, keys, ancestral_noise)
+
+
+@pytest.fixture(params=["static", "run_time"])
+def run(request):
+    """Every loop test runs with the sampler chosen at trace time and at run time."""
+    return {"static": run_static, "run_time": run_kind}[request.param]
 
 
 def keys_for(seeds):
@@ -163,18 +187,18 @@ def test_karras_matches_diffusers():
 # ----------------------------------------------------------------------------- full loops vs diffusers
 
 @pytest.mark.parametrize("steps", [10, 50])
-def test_ddim_matches_diffusers(steps):
+def test_ddim_matches_diffusers(run, steps):
     ref = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                         timestep_spacing="leading", prediction_type="epsilon")
     x = noise(3)
     want = run_diffusers(ref, steps, x)
     plan = D.make_plan("ddim", steps)
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ref.timesteps.numpy())
-    assert_loop_matches(plan, x, want)
+    assert_loop_matches(run, plan, x, want)
 
 
 @pytest.mark.parametrize("steps", [10, 30])
-def test_euler_matches_diffusers(steps):
+def test_euler_matches_diffusers(run, steps):
     ref = EulerDiscreteScheduler(**SD, timestep_spacing="linspace", interpolation_type="linear", steps_offset=0,
                                  use_karras_sigmas=False, final_sigmas_type="zero")
     x = noise(4)
@@ -182,11 +206,11 @@ def test_euler_matches_diffusers(steps):
     plan = D.make_plan("euler", steps, "diffusers")
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ref.timesteps.numpy())
     np.testing.assert_allclose(np.asarray(plan.sigmas), ref.sigmas.numpy(), rtol=1e-6)
-    assert_loop_matches(plan, x, want)
+    assert_loop_matches(run, plan, x, want)
 
 
 @pytest.mark.parametrize("steps,schedule", [(10, "diffusers"), (20, "diffusers"), (20, "karras")])
-def test_dpmpp_2m_matches_diffusers(steps, schedule):
+def test_dpmpp_2m_matches_diffusers(run, steps, schedule):
     # default config (dpmsolver++, order 2, midpoint, lower_order_final, final_sigmas_type="zero");
     # 20 steps exercises the path where lower_order_final (< 15 steps) no longer applies.
     ref = DPMSolverMultistepScheduler(**SD, timestep_spacing="linspace", use_karras_sigmas=schedule == "karras")
@@ -194,10 +218,10 @@ def test_dpmpp_2m_matches_diffusers(steps, schedule):
     want = run_diffusers(ref, steps, x)
     plan = D.make_plan("dpmpp_2m", steps, schedule)
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ref.timesteps.numpy())
-    assert_loop_matches(plan, x, want)
+    assert_loop_matches(run, plan, x, want)
 
 
-def test_euler_ancestral_matches_diffusers_with_same_noise(monkeypatch):
+def test_euler_ancestral_matches_diffusers_with_same_noise(run, monkeypatch):
     steps = 12
     rng = np.random.default_rng(6)
     step_noise = rng.standard_normal((steps,) + SHAPE).astype(np.float32)
@@ -208,9 +232,9 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(monkeypatch):
     want = run_diffusers(ref, steps, x)
     assert next(replay, None) is None  # every step drew exactly one noise tensor
     plan = D.make_plan("euler_a", steps, "diffusers")
-    assert_loop_matches(plan, x, want, ancestral_noise=jnp.asarray(step_noise))
+    assert_loop_matches(run, plan, x, want, ancestral_noise=jnp.asarray(step_noise))
     # the noise matters: a different draw moves the result far beyond the tolerance
-    other = run_jax(plan, jnp.asarray(x), ancestral_noise=jnp.asarray(step_noise[::-1]))
+    other = run(plan, jnp.asarray(x), ancestral_noise=jnp.asarray(step_noise[::-1]))
     assert np.max(np.abs(np.asarray(other) - want)) > 1e-2
 
 
@@ -251,40 +275,95 @@ def kdiffusion_loop(sampler, steps, x, step_noise=None):
     return x
 
 
-def test_euler_ancestral_matches_authors_kdiffusion():
+def test_euler_ancestral_matches_authors_kdiffusion(run):
     steps = 15
     step_noise = np.random.default_rng(8).standard_normal((steps,) + SHAPE).astype(np.float32)
     x = noise(9)
     want = kdiffusion_loop("euler_a", steps, x, step_noise)
-    assert_loop_matches(D.make_plan("euler_a", steps), x, want, ancestral_noise=jnp.asarray(step_noise))
+    assert_loop_matches(run, D.make_plan("euler_a", steps), x, want, ancestral_noise=jnp.asarray(step_noise))
 
 
-def test_dpmpp_2m_matches_authors_kdiffusion():
+def test_dpmpp_2m_matches_authors_kdiffusion(run):
     x = noise(10)
     want = kdiffusion_loop("dpmpp_2m", 16, x)
     plan = D.make_plan("dpmpp_2m", 16, "kdiffusion")
-    assert_loop_matches(plan, x, want)
+    assert_loop_matches(run, plan, x, want)
     # the second-order history term matters: dropping it misses by far more than the tolerance
     first_order = plan.replace(history_weight=jnp.zeros_like(plan.history_weight))
-    assert rel_err(run_jax(first_order, jnp.asarray(x)), want) > 20 * RTOL_SCALE
+    assert rel_err(run(first_order, jnp.asarray(x)), want) > 20 * RTOL_SCALE
 
 
 # ----------------------------------------------------------------------------- keys, batches, jit
 
-def test_euler_ancestral_keys_reproducible_and_batch_independent():
+def test_euler_ancestral_keys_reproducible_and_batch_independent(run):
     plan = D.make_plan("euler_a", 8)
     x3 = jnp.asarray(noise(11, (3,) + SHAPE[1:]))
     keys3 = keys_for([5, 6, 7])
-    first = np.asarray(run_jax(plan, x3, keys3))
-    np.testing.assert_array_equal(first, np.asarray(run_jax(plan, x3, keys3)))
-    alone = np.asarray(run_jax(plan, x3[1:2], keys3[1:2]))
+    first = np.asarray(run(plan, x3, keys3))
+    np.testing.assert_array_equal(first, np.asarray(run(plan, x3, keys3)))
+    alone = np.asarray(run(plan, x3[1:2], keys3[1:2]))
     np.testing.assert_allclose(alone[0], first[1], rtol=0, atol=1e-6)
     # the key drives the noise: another key for example 1 changes only example 1
-    other = np.asarray(run_jax(plan, x3, keys_for([5, 99, 7])))
+    other = np.asarray(run(plan, x3, keys_for([5, 99, 7])))
     np.testing.assert_allclose(other[[0, 2]], first[[0, 2]], rtol=0, atol=1e-6)
     assert np.max(np.abs(other[1] - first[1])) > 1e-2
-    with pytest.raises(ValueError, match="needs per-example PRNG keys"):
-        D.sample(eps_jax, x3, plan)
+
+
+def test_sample_needs_keys_for_ancestral_noise():
+    x3 = jnp.asarray(noise(11, (3,) + SHAPE[1:]))
+    with pytest.raises(ValueError, match="euler_a: needs per-example PRNG keys"):
+        D.sample(eps_jax, x3, D.make_plan("euler_a", 8))
+    generic, kind = D.generic_plan(D.make_plan("ddim", 8))   # at run time any sampler may be euler_a
+    with pytest.raises(ValueError, match="run time: needs per-example PRNG keys"):
+        D.sample(eps_jax, x3, generic, kind=kind)
+    with pytest.raises(ValueError, match="2 keys for a batch of 3"):
+        D.sample(eps_jax, x3, generic, keys_for([1, 2]), kind=kind)
+
+
+def test_run_time_kind_serves_every_sampler_with_one_trace():
+    """The pipeline's case: one compiled loop, the sampler a traced argument; each kind gives what
+    the static loop gives for that sampler."""
+    traces = []
+
+    @jax.jit
+    def f(plan, kind, x, keys):
+        traces.append(1)
+        return D.sample(eps_jax, x, plan, keys, kind=kind)
+
+    x, keys = jnp.asarray(noise(17)), keys_for([3, 4])
+    outs = {}
+    for sampler in D.SAMPLERS:
+        plan = D.make_plan(sampler, 6)
+        generic, kind = D.generic_plan(plan)
+        assert generic.sampler == D.SAMPLERS[0] and D.SAMPLERS[int(kind)] == sampler
+        outs[sampler] = np.asarray(f(generic, kind, x, keys))
+        np.testing.assert_allclose(outs[sampler], np.asarray(run_static(plan, x, keys)), rtol=0, atol=1e-5)
+    assert len(traces) == 1
+    # the kind really selects: every two samplers give clearly different latents
+    vals = list(outs.values())
+    assert min(np.max(np.abs(a - b)) for k, a in enumerate(vals) for b in vals[k + 1:]) > 1e-2
+
+
+@pytest.mark.parametrize("selection", ["static", "run_time"])
+def test_eps_fn_receives_the_step_index(selection):
+    """eps_fn(model_input, timestep, i) gets step i (the pair stage's injection schedule needs it):
+    an eps that depends on i gives what a Python loop of samplers.step passing i gives."""
+    plan = D.make_plan("euler", 5, "kdiffusion")
+    x, keys = jnp.asarray(noise(18)), keys_for([0, 1])
+
+    def eps_with_step(xin, t, i):
+        return eps_jax(xin, t, i) + 0.1 * jnp.asarray(i, jnp.float32)
+
+    if selection == "static":
+        got = jax.jit(lambda p, x: D.sample(eps_with_step, x, p))(plan, x)
+    else:
+        got = jax.jit(lambda p, k, x, keys: D.sample(eps_with_step, x, p, keys, kind=k))(
+            *D.generic_plan(plan), x, keys)
+    state = D.init_state(plan, x)
+    for i in range(plan.steps):
+        state = D.step(plan, state, i, eps_with_step(D.model_input(plan, state, i), plan.timesteps[i], i))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(state.x), rtol=0, atol=1e-5)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(run_static(plan, x)))) > 1e-2
 
 
 def test_plan_is_a_jit_argument_without_retracing():
@@ -370,7 +449,7 @@ def test_guided_eps_fn_formula_and_per_example_sampling():
     e_unc = call(jnp.concatenate([x, jnp.zeros_like(img)], -1), jnp.broadcast_to(null, cond.shape))
     sc = lambda s: s[:, None, None, None]
     want = e_unc + sc(s_t) * (e_cond - e_img) + sc(s_i) * (e_img - e_unc)
-    got = D.guided_eps_fn(model_fn, img, cond, null, s_t, s_i)(x, t)
+    got = D.guided_eps_fn(model_fn, img, cond, null, s_t, s_i)(x, t, 0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
     plan = D.make_plan("dpmpp_2m", 5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ip2p_jax.weights.components import DTYPES
 from ip2p_jax.weights.naming import WeightsError
 
 
@@ -15,7 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("source", help="a diffusers folder, a single-file .ckpt/.safetensors "
                                        "(original Stable Diffusion layout), or a hub id such as timbrooks/instruct-pix2pix")
     parser.add_argument("out", help="output folder (diffusers layout: ip2p_jax and diffusers both load it)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the weights written")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="dtype of the weights written")
     parser.add_argument("--no-ema", action="store_true",
                         help="single files holding model_ema.*: take the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--to-8-channels", action="store_true",

@@ -72,15 +72,17 @@ def combine(eps: jax.Array, text_scale, image_scale) -> jax.Array:
 
 def guided_eps_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
                   image_latents: jax.Array, cond_emb: jax.Array, null_emb: jax.Array,
-                  text_scale, image_scale) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The `eps_fn(model_input, timestep)` a sampler needs, from a 3-way-batch model.
+                  text_scale, image_scale) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """The `eps_fn(model_input, timestep, i)` samplers.sample needs, from a 3-way-batch model
+    (the step index i is not used).
 
     model_fn(latents (3B, h, w, 2C), timesteps (3B,), text (3B, L, D)) -> eps (3B, h, w, C).
     The text batch is expanded once, outside the sampling loop body.
     """
     text = expand_text(cond_emb, null_emb)
 
-    def eps_fn(noisy_scaled: jax.Array, timestep: jax.Array) -> jax.Array:
+    def eps_fn(noisy_scaled: jax.Array, timestep: jax.Array, i: jax.Array) -> jax.Array:
+        del i   # guidance is the same at every step
         x = expand_latents(noisy_scaled, image_latents)
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
         return combine(model_fn(x, t, text), text_scale, image_scale)

@@ -2,9 +2,13 @@
 
     plan = make_plan("euler_a", steps=20)                    # host, numpy; once per setting
     x0 = sample(eps_fn, noise, plan, keys)                   # inside jit; lax.fori_loop
+    generic, kind = generic_plan(plan)                       # or: the sampler chosen at run time,
+    x0 = sample(eps_fn, noise, generic, keys, kind=kind)     # one compile for all four
 
-`eps_fn(model_input, timestep) -> eps` sees the noisy latents already scaled for the model
-and a scalar float32 UNet timestep. `noise` is standard normal: the sampler multiplies it by
+`sample` is the package's one sampling loop: the edit pipeline and the pair stage both run it.
+`eps_fn(model_input, timestep, i) -> eps` sees the noisy latents already scaled for the model,
+a scalar float32 UNet timestep and the int32 step index i (the pair stage's prompt-to-prompt
+schedule needs it; most eps functions ignore it). `noise` is standard normal: the sampler multiplies it by
 its initial noise scale (diffusers' `latents * init_noise_sigma`). `keys` holds one PRNG key
 per example: ancestral noise of example b at step i is normal(fold_in(keys[b], i)), so an
 example's result never depends on the rest of the batch.
@@ -28,6 +32,8 @@ from ip2p_jax.diffusion.schedules import ScheduleError, TrainingSchedule
 SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SIGMA_SCHEDULES = ("kdiffusion", "diffusers", "karras")
 DEFAULT_SCHEDULE = {"euler_a": "kdiffusion", "euler": "kdiffusion", "dpmpp_2m": "diffusers", "ddim": "diffusers"}
+
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (model_input, timestep, step index) -> eps
 
 
 @struct.dataclass
@@ -212,28 +218,44 @@ def step(plan: Plan, state: SamplerState, i, eps: jax.Array, noise: jax.Array | 
     return SamplerState(x=jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, prev_denoised=state.prev_denoised)
 
 
-def sample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array, plan: Plan,
-           keys: jax.Array | None = None, *, ancestral_noise: jax.Array | None = None) -> jax.Array:
+def generic_plan(plan: Plan) -> tuple[Plan, np.ndarray]:
+    """(plan with its static sampler name replaced by a placeholder, int32 index of the sampler in
+    SAMPLERS): pass both to `sample(..., kind=...)` and one compiled function serves every sampler
+    of the same step count."""
+    return plan.replace(sampler=SAMPLERS[0]), np.int32(SAMPLERS.index(plan.sampler))
+
+
+def sample(eps_fn: EpsFn, noise: jax.Array, plan: Plan, keys: jax.Array | None = None, *,
+           kind: jax.Array | None = None, ancestral_noise: jax.Array | None = None) -> jax.Array:
     """Run all plan steps with lax.fori_loop; returns the final latents (float32, noise's shape).
 
     keys: (B,) PRNG keys (typed or raw uint32 (B, 2)), needed by euler_a unless
     `ancestral_noise` (steps, B, ...) gives the per-step noise explicitly.
+    kind: None runs `plan.sampler` (static). An int32 index into SAMPLERS (traced or not; from
+    `generic_plan`) picks the sampler at run time through lax.switch and ignores `plan.sampler`;
+    then every step draws its ancestral noise whatever the sampler, so keys (or ancestral_noise)
+    are always needed.
     """
     batch, shape = noise.shape[0], noise.shape[1:]
-    if is_ancestral(plan) and ancestral_noise is None:
+    needs_noise = kind is not None or is_ancestral(plan)
+    name = "sampler chosen at run time" if kind is not None else plan.sampler
+    if needs_noise and ancestral_noise is None:
         if keys is None:
-            raise ValueError(f"{plan.sampler}: needs per-example PRNG keys (or ancestral_noise)")
+            raise ValueError(f"{name}: needs per-example PRNG keys (or ancestral_noise)")
         if keys.shape[0] != batch:
-            raise ValueError(f"{plan.sampler}: {keys.shape[0]} keys for a batch of {batch}")
+            raise ValueError(f"{name}: {keys.shape[0]} keys for a batch of {batch}")
     if ancestral_noise is not None and ancestral_noise.shape != (plan.steps,) + noise.shape:
-        raise ValueError(f"{plan.sampler}: ancestral_noise has shape {ancestral_noise.shape}, "
+        raise ValueError(f"{name}: ancestral_noise has shape {ancestral_noise.shape}, "
                          f"expected {(plan.steps,) + noise.shape}")
 
     def body(i, state):
-        eps = eps_fn(model_input(plan, state, i), plan.timesteps[i])
+        eps = eps_fn(model_input(plan, state, i), plan.timesteps[i], i)
         z = None
-        if is_ancestral(plan):
+        if needs_noise:
             z = ancestral_noise[i] if ancestral_noise is not None else step_noise(keys, i, shape)
-        return step(plan, state, i, eps, z)
+        if kind is None:
+            return step(plan, state, i, eps, z)
+        branches = [lambda st, e, z, s=s: step(plan.replace(sampler=s), st, i, e, z) for s in SAMPLERS]
+        return jax.lax.switch(kind, branches, state, eps, z)
 
     return jax.lax.fori_loop(0, plan.steps, body, init_state(plan, noise)).x

@@ -29,7 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ip2p_jax import placement, sharding
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.models.clip import CLIPModel
+from ip2p_jax.tokenizer import tokenize
 
 METRICS = ("sim_direction", "sim_image", "sim_0", "sim_1")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -234,23 +237,24 @@ def load_clip_folder(path: str, *, dtype=np.float32):
     return config, params, tokenizer, processor
 
 
+def _features_function(model: CLIPModel, method: str):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=getattr(model, method)))
+
+
 class ClipScorer:
     """CLIP image/text features (jitted, one compile per batch shape) and the edit metrics."""
 
     def __init__(self, config, params, tokenizer, processor: ClipImageProcessor, *, dtype=jnp.float32,
                  batch_size: int = DEFAULT_BATCH_SIZE, attention_impl: str = "auto", source: str = ""):
-        from ip2p_jax.models.clip import CLIPModel
-
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.config, self.tokenizer, self.processor, self.source = config, tokenizer, processor, source
         self.batch_size = int(batch_size)
         self.dtype = jnp.dtype(dtype)
         self.model = CLIPModel(config, dtype=self.dtype, attention_impl=attention_impl)
-        self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params))
-        m = self.model
-        self._image_jit = jax.jit(lambda p, px: m.apply({"params": p}, px, method=m.get_image_features))
-        self._text_jit = jax.jit(lambda p, ids: m.apply({"params": p}, ids, method=m.get_text_features))
+        self.params = placement.place_params(params, self.dtype)
+        self._image_jit = placement.compiled(_features_function, self.model, "get_image_features")
+        self._text_jit = placement.compiled(_features_function, self.model, "get_text_features")
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -278,12 +282,10 @@ class ClipScorer:
         n = len(rows)
         if n == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
-        size = min(self.batch_size, 1 << (n - 1).bit_length())
+        size = min(self.batch_size, sharding.bucket_size(n))
         outs = []
         for start in range(0, n, size):
-            chunk = rows[start:start + size]
-            if len(chunk) < size:   # pad with copies of the first row: every call has one shape
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
+            chunk = sharding.pad_rows(rows[start:start + size], size)   # every call has one shape
             outs.append(np.asarray(fn(self.params, chunk))[:n - start])
         return np.concatenate(outs).astype(np.float32)
 
@@ -295,8 +297,6 @@ class ClipScorer:
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         """(N, projection_dim) float32 text features (not normalised); texts over the model's
         length are truncated (with a warning)."""
-        from ip2p_jax.tokenizer import tokenize
-
         texts = list(texts)
         if any(not isinstance(t, str) for t in texts):
             raise ValueError("captions must be strings")

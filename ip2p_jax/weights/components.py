@@ -10,27 +10,11 @@ import functools
 import importlib
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from ip2p_jax.weights.naming import WeightsError, flax_path_to_torch_key
-
-DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def as_dtype(dtype) -> np.dtype:
-    """'fp32' | 'fp16' | 'bf16' | any numpy / jax float dtype -> a numpy dtype."""
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    try:
-        d = np.dtype(dtype)
-    except TypeError:
-        d = None
-    if d not in DTYPE_NAMES:
-        raise WeightsError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return d
+from ip2p_jax import dtypes
+from ip2p_jax.weights.naming import flax_path_to_torch_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +91,7 @@ class Components:
         return {name: describe_dtypes(p) for name, p in self.params().items()}
 
     def astype(self, dtype) -> "Components":
-        d = as_dtype(dtype)
+        d = dtypes.numpy_dtype(dtype)
         cast = lambda p: cast_params(p, d)  # noqa: E731
         return dataclasses.replace(self, unet_params=cast(self.unet_params), vae_params=cast(self.vae_params),
                                    text_params=cast(self.text_params), notes=list(self.notes))
@@ -124,7 +108,7 @@ def describe_dtypes(params) -> str:
 
 
 def cast_params(params, dtype) -> dict:
-    d = as_dtype(dtype)
+    d = dtypes.numpy_dtype(dtype)
     flat = traverse_util.flatten_dict(dict(params))
     return traverse_util.unflatten_dict({k: np.asarray(v).astype(d, copy=False) for k, v in flat.items()})
 

@@ -17,8 +17,8 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from ip2p_jax.weights.components import (SPECS, Components, align_optional_prefix, as_dtype,
-                                         cast_params)
+from ip2p_jax import dtypes
+from ip2p_jax.weights.components import (SPECS, Components, align_optional_prefix, cast_params)
 from ip2p_jax.weights.io import find_weights, read_json, read_state_dict, write_json, write_safetensors
 from ip2p_jax.weights.naming import WeightsError, flax_to_torch, torch_to_flax
 
@@ -56,7 +56,7 @@ def state_to_params(state, name: str, config, *, dtype=np.float32, source: str) 
     spec = SPECS[name]
     abstract = spec.abstract_params(config)
     state = align_optional_prefix(state, spec, abstract)
-    return torch_to_flax(state, abstract, source=source, dtype=as_dtype(dtype))
+    return torch_to_flax(state, abstract, source=source, dtype=dtypes.numpy_dtype(dtype))
 
 
 def params_to_state(params, name: str) -> dict[str, np.ndarray]:

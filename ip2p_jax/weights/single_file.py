@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from ip2p_jax.weights.components import SPECS, Components, as_dtype
+from ip2p_jax import dtypes
+from ip2p_jax.weights.components import SPECS, Components
 from ip2p_jax.weights.diffusers_folder import config_dict, params_to_state, state_to_params
 from ip2p_jax.weights.io import read_json, read_state_dict, require_torch, write_safetensors
 from ip2p_jax.weights.naming import WeightsError
@@ -352,6 +353,6 @@ def save_single_file(components: Components, path: str, *, ema_unet_params=None,
 
 def _to_torch(v: np.ndarray, torch):
     v = np.ascontiguousarray(v)
-    if v.dtype == as_dtype("bf16"):  # torch.from_numpy knows no bf16: move the bits
+    if v.dtype == dtypes.numpy_dtype("bf16"):  # torch.from_numpy knows no bf16: move the bits
         return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(v)

@@ -12,7 +12,8 @@ the authors' k-diffusion Euler ancestral sampler. The CLIP filter keeps at most 
 by directional similarity. Output: the authors' layout (ip2p_jax.datagen.layout) plus
 <out>/generation.json (the run's settings, checked when a run resumes).
 
-sampler.py      the jitted pair sampler (4 UNet rows per pair, p2p injection by row index)
+sampler.py      the jitted pair sampler (4 UNet rows per pair, p2p injection by row index; the
+                loop is ip2p_jax.diffusion.samplers.sample, the model placed by ip2p_jax.placement)
 clip_filter.py  the filter thresholds and the choice of survivors
 generate.py     seeds and random draws, batching across prompts, writing prompt dirs
 
@@ -52,11 +53,13 @@ Deviations, and why:
 from ip2p_jax.datagen.image_pairs.clip_filter import METADATA_KEYS, ClipFilter, pair_scores, select
 from ip2p_jax.datagen.image_pairs.generate import (GenerateStats, PairSettings, candidate_seeds, check_prompts,
                                                    draw_sample, generate_pairs, partition_indices, to_uint8)
-from ip2p_jax.datagen.image_pairs.sampler import PairModelError, PairSampler, injected_steps, self_attn_source
+from ip2p_jax.datagen.image_pairs.sampler import (PairModelError, PairRequestError, PairSampler, injected_steps,
+                                                  self_attn_source)
 from ip2p_jax.datagen.layout import LayoutError, read_prompts
 
 __all__ = [
-    "METADATA_KEYS", "ClipFilter", "GenerateStats", "LayoutError", "PairModelError", "PairSampler", "PairSettings",
+    "METADATA_KEYS", "ClipFilter", "GenerateStats", "LayoutError", "PairModelError", "PairRequestError",
+    "PairSampler", "PairSettings",
     "candidate_seeds", "check_prompts", "draw_sample", "generate_pairs", "injected_steps", "pair_scores",
     "partition_indices", "read_prompts", "select", "self_attn_source", "to_uint8",
 ]

@@ -17,12 +17,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ip2p_jax import sharding
 from ip2p_jax.datagen import layout
 from ip2p_jax.datagen.image_pairs.clip_filter import ClipFilter, pair_scores, select
-from ip2p_jax.datagen.image_pairs.sampler import PairSampler, injected_steps
+from ip2p_jax.datagen.image_pairs.sampler import PairRequestError, PairSampler, injected_steps
+from ip2p_jax.progress import progress as progress_bar
 
 SEED_SPACE = 2 ** 32           # the authors draw seeds with torch.randint(1 << 32)
 RUN_FILE = "generation.json"   # settings of the run that writes <out>, checked on resume
@@ -50,20 +50,20 @@ class PairSettings:
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise PairRequestError(f"{name} must be a positive integer, got {v!r}")
 
         for name in ("steps", "samples_per_prompt", "keep", "resolution"):
             positive_int(name)
         for name in ("p2p_range", "cfg_range"):
             lo, hi = getattr(self, name)
             if not lo <= hi:
-                raise ValueError(f"{name}: minimum {lo} is above maximum {hi}")
+                raise PairRequestError(f"{name}: minimum {lo} is above maximum {hi}")
         if not (0 <= self.p2p_range[0] and self.p2p_range[1] <= 1):
-            raise ValueError(f"p2p_range must lie in [0, 1], got {self.p2p_range}")
+            raise PairRequestError(f"p2p_range must lie in [0, 1], got {self.p2p_range}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise PairRequestError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise PairRequestError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -84,9 +84,9 @@ def partition_indices(num_prompts: int, partition: int = 0, num_partitions: int 
     with numpy.array_split's sizes (the authors' partitioning)."""
     end = num_prompts if end is None else min(end, num_prompts)
     if not 0 <= start <= end:
-        raise ValueError(f"prompt range start {start} / end {end} is not within 0..{num_prompts}")
+        raise PairRequestError(f"prompt range start {start} / end {end} is not within 0..{num_prompts}")
     if not 0 <= partition < num_partitions:
-        raise ValueError(f"partition {partition} is not in 0..{num_partitions - 1}")
+        raise PairRequestError(f"partition {partition} is not in 0..{num_partitions - 1}")
     q, r = divmod(end - start, num_partitions)
     lo = start + partition * q + min(partition, r)
     return range(lo, lo + q + (partition < r))
@@ -158,7 +158,7 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
     check_prompts(prompts)
     indices = list(range(len(prompts)) if indices is None else indices)
     if any(not 0 <= i < len(prompts) for i in indices):
-        raise ValueError(f"prompt indices must lie in 0..{len(prompts) - 1}")
+        raise PairRequestError(f"prompt indices must lie in 0..{len(prompts) - 1}")
     plan = sampler.plan(settings.steps, settings.sampler, settings.schedule)
     shape = sampler.latent_shape(settings.resolution)
     out = Path(out)
@@ -173,7 +173,7 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
                                                                                settings.keep)
     total = len(todo) * n_candidates
     size = batch_size or PAIRS_PER_DEVICE * sampler.num_devices
-    size = sharding.padded_size(min(size, 1 << max(0, total - 1).bit_length()), sampler.num_devices)
+    size = sharding.padded_size(min(size, sharding.bucket_size(total)), sampler.num_devices)
     null = sampler.encode_text([""])[0]
 
     def jobs() -> Iterator[tuple[_PromptWork, int]]:
@@ -214,9 +214,9 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
                 stats.kept += _write_prompt(out, work, settings, filtered=scorer is not None)
                 stats.written += 1
         bar.update(len(chunk))
-        bar.set_postfix(prompts=f"{stats.written}/{len(todo)}", kept=stats.kept)
+        bar.set_postfix_str(f"prompts={stats.written}/{len(todo)}, kept={stats.kept}")
 
-    bar = tqdm(total=total, desc="pairs", unit="pair", disable=not progress)
+    bar = progress_bar(total=total, desc="pairs", unit="pair", enabled=progress)
     try:
         stream = jobs()
         pending = None   # start batch k+1 on the device before scoring and writing batch k

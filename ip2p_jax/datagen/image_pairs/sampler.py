@@ -7,20 +7,20 @@ from the same noise and get the same ancestral noise. While a pair's step index 
 `inject_steps`, the img1 rows take every self-attention's probabilities from the img0 rows
 (uncond from uncond, cond from cond). CFG scale and inject_steps are traced per-pair values,
 so varying them never recompiles; the sampler and the step count are part of the compile.
+The loop is ip2p_jax.diffusion.samplers.sample; the model is placed by ip2p_jax.placement.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ip2p_jax.errors import Ip2pError
-from ip2p_jax import sharding
+from ip2p_jax import dtypes, placement, sharding
 from ip2p_jax.diffusion import samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.weights import load
 
 ROWS_PER_PAIR = 4            # [uncond img0, uncond img1, cond img0, cond img1]
 _INJECTED_SOURCE = np.array([0, 0, 2, 2])   # img1 rows read img0's maps (authors' sims[0], sims[2])
@@ -28,6 +28,10 @@ _INJECTED_SOURCE = np.array([0, 0, 2, 2])   # img1 rows read img0's maps (author
 
 class PairModelError(Ip2pError):
     """A model that cannot generate pairs (e.g. an InstructPix2Pix UNet); the message names it."""
+
+
+class PairRequestError(Ip2pError):
+    """Pair-sampling inputs that do not fit the model or each other; the message says how."""
 
 
 def injected_steps(p2p_threshold: float, steps: int) -> int:
@@ -53,10 +57,7 @@ def _pair_text(cond: jax.Array, null: jax.Array) -> jax.Array:
     return jnp.stack([null, cond], axis=1).reshape((-1,) + cond.shape[2:])
 
 
-# Samplers of the same model shape share one jitted function and its compiles (Flax modules
-# hash by their frozen config fields).
-@functools.cache
-def _generate_function(unet, vae, scaling: float, mesh: Mesh):
+def _make_generate_function(unet, vae, scaling: float, mesh: Mesh):
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def generate(params, plan, noise, seeds, cond, null, cfg_scale, inject_steps):
@@ -68,7 +69,7 @@ def _generate_function(unet, vae, scaling: float, mesh: Mesh):
         text = _pair_text(cond, null)
         cfg = cfg_scale.astype(jnp.float32).reshape((pairs, 1) + (1,) * len(shape))
 
-        def guided_eps(x_in, t, i):
+        def guided_eps(x_in, t, i):   # i: the step, for the injection schedule
             rows = jnp.broadcast_to(x_in.reshape((pairs, 1, 2) + shape), (pairs, 2, 2) + shape)
             eps = unet.apply({"params": params["unet"]}, rows.reshape((-1,) + shape), t, text,
                              self_attn_source(i < inject_steps))
@@ -76,22 +77,12 @@ def _generate_function(unet, vae, scaling: float, mesh: Mesh):
             uncond, cond_eps = eps[:, 0], eps[:, 1]
             return (uncond + cfg * (cond_eps - uncond)).reshape((-1,) + shape)
 
-        def body(i, state):
-            eps = guided_eps(samplers.model_input(plan, state, i), plan.timesteps[i], i)
-            z = samplers.step_noise(keys, i, shape) if samplers.is_ancestral(plan) else None
-            return samplers.step(plan, state, i, eps, z)
-
-        latents = jax.lax.fori_loop(0, plan.steps, body, samplers.init_state(plan, x)).x
+        latents = samplers.sample(guided_eps, x, plan, keys)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images.reshape((pairs, 2) + images.shape[1:])
 
     return jax.jit(generate, in_shardings=(rep, rep, batch, batch, batch, rep, batch, batch), out_shardings=batch)
-
-
-@functools.cache
-def _text_function(text_encoder, mesh: Mesh):
-    return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.replicated(mesh))
 
 
 class PairSampler:
@@ -102,11 +93,6 @@ class PairSampler:
     """
 
     def __init__(self, components, *, dtype=None, mesh: Mesh | None = None, source: str = ""):
-        from ip2p_jax.models.clip import CLIPTextModel
-        from ip2p_jax.models.unet import UNet2DConditionModel
-        from ip2p_jax.models.vae import AutoencoderKL
-        from ip2p_jax.pipeline import resolve_dtype
-
         c = components
         self.source = source or c.source or "model"
         latent = c.vae_config.latent_channels
@@ -114,32 +100,20 @@ class PairSampler:
             raise PairModelError(
                 f"{self.source}: its UNet takes {c.unet_config.in_channels} input channels; generating pairs "
                 f"needs a text-to-image Stable Diffusion model ({latent}), not an InstructPix2Pix one")
-        self.dtype = resolve_dtype(dtype)
-        self.mesh = mesh if mesh is not None else sharding.data_mesh()
+        self.model = placement.place(c, dtype=dtype, mesh=mesh)
+        m = self.model
+        self.dtype, self.mesh, self.params, self.tokenizer = m.dtype, m.mesh, m.params, m.tokenizer
         self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
         self.vae_scale = 2 ** (len(c.vae_config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(c.unet_config.block_out_channels) - 1)
-        unet = UNet2DConditionModel(c.unet_config, dtype=self.dtype, attention_impl="auto")
-        # fp16 overflows in SD's VAE: diffusers' force_upcast decodes in fp32 (bf16 is fine).
-        upcast = self.dtype == jnp.dtype(jnp.float16) and getattr(c.vae_config, "force_upcast", False)
-        vae_dtype = jnp.dtype(jnp.float32) if upcast else self.dtype
-        vae = AutoencoderKL(c.vae_config, dtype=vae_dtype)
-        text_encoder = CLIPTextModel(c.text_config, dtype=self.dtype)
-        self.tokenizer = c.tokenizer
         self.training_schedule = TrainingSchedule.from_config(dict(c.scheduler_config or {}))
-        cast = lambda tree, d=self.dtype: jax.tree.map(lambda a: jnp.asarray(a, d), tree)  # noqa: E731
-        self.params = sharding.replicate({"unet": cast(c.unet_params), "vae": cast(c.vae_params, vae_dtype),
-                                          "text": cast(c.text_params)}, self.mesh)
-        self._generate = _generate_function(unet, vae, float(c.vae_config.scaling_factor), self.mesh)
-        self._text = _text_function(text_encoder, self.mesh)
+        self._generate = placement.compiled(_make_generate_function, self.model.unet, self.model.vae,
+                                            float(c.vae_config.scaling_factor), self.mesh)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=None, mesh: Mesh | None = None, **load_kwargs) -> "PairSampler":
         """Load a diffusers folder or single-file checkpoint (see ip2p_jax.weights.load)."""
-        from ip2p_jax.pipeline import resolve_dtype
-        from ip2p_jax.weights import load
-
-        d = resolve_dtype(dtype)
+        d = dtypes.compute_dtype(dtype)
         return cls(load(path, dtype=np.dtype(d), **load_kwargs), dtype=d, mesh=mesh, source=str(path))
 
     @property
@@ -151,24 +125,18 @@ class PairSampler:
         return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """(h, w, C) latents of a square image; raises ValueError if the size does not fit the model."""
+        """(h, w, C) latents of a square image; raises PairRequestError if the size does not fit the model."""
         multiple = self.vae_scale * self.latent_multiple
         if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple \
                 or resolution % multiple:
-            raise ValueError(f"resolution must be a positive multiple of {multiple} for {self.source}, "
-                             f"got {resolution!r}")
+            raise PairRequestError(f"resolution must be a positive multiple of {multiple} for {self.source}, "
+                                   f"got {resolution!r}")
         side = int(resolution) // self.vae_scale
         return side, side, self.vae_config.latent_channels
 
     def encode_text(self, texts) -> np.ndarray:
         """(N, 77, D) last hidden states; batches padded to a power of two (few compiled shapes)."""
-        from ip2p_jax.tokenizer import tokenize
-
-        ids = tokenize(self.tokenizer, list(texts))
-        n = len(ids)
-        ids = sharding.pad_rows(ids, 1 << max(1, (n - 1).bit_length()))
-        out = self._text(self.params["text"], sharding.to_global(ids, sharding.replicated(self.mesh)))
-        return sharding.to_host(out)[:n]
+        return self.model.encode_text(texts)
 
     def generate(self, plan: samplers.Plan, noise, seeds, cond, null, cfg_scale, inject_steps) -> jax.Array:
         """Start sampling P pairs (asynchronously; np.asarray the result to wait). P must be a
@@ -183,8 +151,8 @@ class PairSampler:
         arrays = [np.asarray(noise, np.float32), np.asarray(seeds, np.uint32), np.asarray(cond),
                   np.asarray(cfg_scale, np.float32), np.asarray(inject_steps, np.int32)]
         if len({len(a) for a in arrays}) != 1 or len(arrays[0]) % self.num_devices:
-            raise ValueError(f"generate: per-pair inputs have lengths {[len(a) for a in arrays]}; they must "
-                             f"agree and be a multiple of {self.num_devices} devices")
+            raise PairRequestError(f"generate: per-pair inputs have lengths {[len(a) for a in arrays]}; they "
+                                   f"must agree and be a multiple of {self.num_devices} devices")
         noise, seeds, cond, cfg_scale, inject_steps = (sharding.to_global(a, b) for a in arrays)
         return self._generate(self.params, plan, noise, seeds, cond, sharding.to_global(np.asarray(null), r),
                               cfg_scale, inject_steps)
