@@ -38,8 +38,11 @@ def batched(pipe):
 
 
 def _reference_scheduler(sampler):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
 
+    if sampler == "euler_a":   # our schedule="diffusers": linear sigma interpolation, linspace spacing
+        return EulerAncestralDiscreteScheduler(**SD, timestep_spacing="linspace", steps_offset=0)
     if sampler == "ddim":
         return DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                              timestep_spacing="leading", prediction_type="epsilon")
@@ -84,6 +87,55 @@ def test_parity_with_diffusers(pipe, reference, sampler):
     # the edit did something: far from the input image
     assert np.abs(got.arrays[0] - np.asarray(image) / 255.0).mean() > 0.02
     assert got.settings[0]["latents"] == "given" and got.settings[0]["sampler"] == sampler
+
+
+def _replay_step_noise(monkeypatch, seed, shape):
+    """Make diffusers' Euler-A draw our ancestral noise: at step i, normal(fold_in(key(seed), i))
+    (NHWC, as the pipeline draws it), handed to diffusers as NCHW, in order. Returns the iterator
+    (exhausted once every step drew one tensor)."""
+    import jax
+    import torch
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
+
+    key = jax.random.key(np.uint32(seed))
+    noise = (np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape)) for i in range(fx.STEPS))
+    replay = iter([torch.from_numpy(np.ascontiguousarray(z.transpose(2, 0, 1)))[None] for z in noise])
+
+    def randn_tensor(shp, **kw):
+        z = next(replay)
+        assert tuple(shp) == tuple(z.shape), (shp, z.shape)
+        return z
+
+    monkeypatch.setattr(euler_a_module, "randn_tensor", randn_tensor)
+    return replay
+
+
+def test_euler_a_parity_with_diffusers_replayed_noise(pipe, reference, monkeypatch):
+    """The shipped Euler-A edit against diffusers' pipeline, both sampling with the same start and
+    ancestral noise; with other ancestral noise (another seed) the edit differs clearly."""
+    import torch
+
+    ref, seed, steps = reference, 5, fx.STEPS
+    image = fx.sample_images(1)[0]
+    h, w = fx.H // pipe.vae_scale, fx.W // pipe.vae_scale
+    noise = np.random.default_rng(1).standard_normal((1, h, w, 4)).astype(np.float32)
+    replay = _replay_step_noise(monkeypatch, seed, (h, w, 4))
+    ref.scheduler = _reference_scheduler("euler_a")
+    with torch.no_grad():
+        want = ref(fx.INSTRUCTION, image=image, num_inference_steps=steps, guidance_scale=7.5,
+                   image_guidance_scale=1.5, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
+                   output_type="np").images[0]
+    assert next(replay, None) is None   # diffusers drew exactly one noise tensor per step
+    kw = dict(steps=steps, sampler="euler_a", schedule="diffusers", latents=noise, text_scale=7.5, image_scale=1.5,
+              resize="keep", batch_size=fx.BATCH, progress=False)
+    got = pipe.edit(image, fx.INSTRUCTION, seed=seed, **kw)
+    mx, mean = fx.max_mean_abs(got.arrays[0], want)
+    assert mx < 1e-2 and mean < 1e-3, (mx, mean)
+    assert np.abs(got.arrays[0] - np.asarray(image) / 255.0).mean() > 0.02
+    # negative control: the same start noise with another seed's ancestral noise misses clearly
+    other = pipe.edit(image, fx.INSTRUCTION, seed=seed + 1, **kw)
+    mx_other, mean_other = fx.max_mean_abs(other.arrays[0], want)
+    assert mean_other > 10 * 1e-3 and mx_other > 1e-2, (mx_other, mean_other)
 
 
 def test_euler_a_reproducible_and_seeds_reported(pipe, batched):
