@@ -15,7 +15,10 @@ import pytest
 
 import edit_fixtures as fx
 from ip2p_jax import placement
+from ip2p_jax.datagen.image_pairs import PairSampler, injected_steps
 from ip2p_jax.diffusion import samplers
+from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.weights import load
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ip2p_jax"
 LOOP_SITE = "diffusion/samplers.py"
@@ -79,14 +82,10 @@ def assert_one_sampler_loop(jaxpr, steps: int):
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    from ip2p_jax.weights import load
-
     return load(fx.tiny_model_dir(tmp_path_factory), dtype=np.float32)
 
 
 def test_pipeline_edit_runs_the_one_loop(components, calls, monkeypatch):
-    from ip2p_jax.pipeline import EditPipeline
-
     pipe = EditPipeline(components, dtype="fp32")
     jaxprs = trace_instead(monkeypatch, pipe, "_edit_jit")
     pipe.edit(fx.sample_images(1), fx.INSTRUCTION, steps=fx.STEPS, seed=0, resize="keep", batch_size=fx.BATCH,
@@ -96,8 +95,6 @@ def test_pipeline_edit_runs_the_one_loop(components, calls, monkeypatch):
 
 
 def test_pair_stage_generate_runs_the_one_loop(components, calls, monkeypatch):
-    from ip2p_jax.datagen.image_pairs import PairSampler, injected_steps
-
     # the tiny InstructPix2Pix model as a text-to-image one: the conv_in of the noisy latents only
     unet_params = dict(components.unet_params)
     unet_params["conv_in"] = dict(unet_params["conv_in"], kernel=unet_params["conv_in"]["kernel"][:, :, :4])
