@@ -10,7 +10,11 @@ import argparse
 import random
 import sys
 
+from ip2p_jax.commands.edit import find_demo_model
+from ip2p_jax.diffusion import SAMPLERS
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.images import RESIZE_MODES
+from ip2p_jax.pipeline import EditPipeline
 
 MISSING_GRADIO = ("the web UI needs gradio, which is not installed: pip install 'ip2p_jax[app]' "
                   "(or pip install gradio)")
@@ -22,7 +26,7 @@ class AppError(Ip2pError):
 
 def require_gradio():
     try:
-        import gradio
+        import gradio  # optional heavy dependency (the [app] extra)
     except ImportError:
         raise AppError(MISSING_GRADIO) from None
     return gradio
@@ -47,8 +51,6 @@ def edit_once(pipe, image, instruction: str, *, steps: int = 100, seed: int | No
 def build_ui(pipe, gr=None):
     """The gradio Blocks app around `pipe` (an EditPipeline)."""
     gr = gr or require_gradio()
-    from ip2p_jax.diffusion import SAMPLERS
-    from ip2p_jax.images import RESIZE_MODES
 
     with gr.Blocks(title="InstructPix2Pix (ip2p_jax)") as ui:
         gr.Markdown("## InstructPix2Pix in JAX: edit an image from a written instruction")
@@ -73,7 +75,7 @@ def build_ui(pipe, gr=None):
             try:
                 return edit_once(pipe, img, text, steps=n, seed=s, randomize_seed=rs, text_scale=ts,
                                  image_scale=i_s, randomize_scales=rc, resolution=r, resize=mode, sampler=smp)
-            except ValueError as e:   # our errors carry a clear message
+            except Ip2pError as e:   # bad input: show the message; anything else is a bug
                 raise gr.Error(str(e)) from None
 
         go.click(run, [source, instruction, steps, seed, randomize_seed, text_scale, image_scale,
@@ -91,14 +93,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         gr = require_gradio()   # fail fast, before loading a model
-        from ip2p_jax.commands.edit import find_demo_model
-        from ip2p_jax.pipeline import EditPipeline
-
         model = args.model or find_demo_model()
         if model is None:
             raise AppError("no --model given and no demo model installed")
         pipe = EditPipeline.from_pretrained(model, dtype=args.dtype)
-    except ValueError as e:
+    except Ip2pError as e:
         print(f"ip2p app: error: {e}", file=sys.stderr)
         return 2
     build_ui(pipe, gr).launch(server_port=args.port, share=args.share)

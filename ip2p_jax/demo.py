@@ -22,7 +22,12 @@ import sys
 import time
 from typing import Optional
 
+from PIL import Image, ImageDraw
+
+from ip2p_jax.datagen.shapes import parse_caption, render
+from ip2p_jax.datagen.shapes.world import Layout
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.pipeline import EditPipeline
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL_DIR = os.path.join(PACKAGE_DIR, "demo_model")
@@ -63,9 +68,6 @@ EXAMPLE_SCENES = (
 
 def write_examples(folder: str = EXAMPLES_DIR) -> str:
     """Render the example inputs (PNG) and write examples.json [{image, caption, instructions}]."""
-    from ip2p_jax.datagen.shapes import parse_caption, render
-    from ip2p_jax.datagen.shapes.world import Layout
-
     os.makedirs(folder, exist_ok=True)
     entries = []
     for i, (caption, seed, instructions) in enumerate(EXAMPLE_SCENES):
@@ -120,10 +122,8 @@ def _label(draw, xy, text: str, width: int) -> None:
         draw.text((x + 2, y + 2 + 12 * k), ln, fill=(0, 0, 0))
 
 
-def make_grid(rows: list[tuple]) -> "Image.Image":
+def make_grid(rows: list[tuple]) -> Image.Image:
     """rows: [(input PIL, [(instruction, edited PIL), ...])] -> one labelled grid image."""
-    from PIL import Image, ImageDraw
-
     cols = 1 + max(len(r[1]) for r in rows)
     grid = Image.new("RGB", (cols * CELL, len(rows) * (CELL + LABEL_HEIGHT)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
@@ -138,10 +138,6 @@ def make_grid(rows: list[tuple]) -> "Image.Image":
 def run_demo(out: str = "demo_out", model: Optional[str] = None, examples: str = EXAMPLES_DIR, steps: int = 20,
              seed: int = 0, text_scale: float = 7.5, image_scale: float = 1.5, progress: bool = True) -> dict:
     """Edit every example image with each of its instructions; returns {'grid': path, 'images': [...]}."""
-    from PIL import Image
-
-    from ip2p_jax.pipeline import EditPipeline
-
     t0 = time.perf_counter()
     model = model or demo_model_path()
     if examples == EXAMPLES_DIR and not os.path.isfile(os.path.join(examples, EXAMPLES_FILE)):
@@ -185,7 +181,7 @@ def main(argv=None) -> int:
               "      (it knows only the synthetic shapes world; for photos use real InstructPix2Pix weights: "
               "ip2p edit --model timbrooks/instruct-pix2pix ...)", flush=True)
         res = run_demo(args.out, model, args.examples, steps=args.steps, seed=args.seed)
-    except ValueError as e:
+    except Ip2pError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
     print(f"demo: {len(res['images'])} edits written to {os.path.abspath(args.out)}/")

@@ -170,7 +170,7 @@ def edit_size(size: tuple[int, int], *, mode: str = "authors", resolution: int =
               max_edit_pixels: int = DEFAULT_MAX_EDIT_PIXELS) -> tuple[int, int]:
     """The (width, height) `resize_for_edit` gives an image of `size`; ImageError if over the limit."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+        raise ImageError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
     w, h = size
     if min(w, h) < MIN_SIDE:
         w, h = _tiny_upscaled(w, h)

@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from ip2p_jax.errors import Ip2pError
 
@@ -40,7 +41,7 @@ def _tokenizer_dir(path: str) -> str:
 
 def load_tokenizer(path: str):
     """The CLIP tokenizer stored under `path` (a transformers `CLIPTokenizer`)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # optional heavy dependency (slow import; workers skip it)
 
     folder = _tokenizer_dir(path)
     try:
@@ -58,8 +59,6 @@ class FastTokenizer:
     transformers import there), ~10x faster per call than the transformers wrapper."""
 
     def __init__(self, backend_json: str, pad_token_id: int, eos_token_id: int):
-        from tokenizers import Tokenizer
-
         self._json, self.pad_token_id, self.eos_token_id = backend_json, pad_token_id, eos_token_id
         self._backend = Tokenizer.from_str(backend_json)
         self._backend.no_padding()

@@ -16,6 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ip2p_jax.errors import Ip2pError  # noqa: E402  (after the path set-up above)
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     try:
         report = build_dataset(args.format, args.source, args.data_dir, args.name, strict=args.strict,
                                overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress)
-    except ValueError as e:  # BuildError, SourceError: one clear message
+    except Ip2pError as e:  # BuildError, SourceError: one clear message
         print(f"build_tfds: error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -24,12 +24,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ip2p_jax.errors import Ip2pError  # noqa: E402  (after the path set-up above)
 
 PROG = "evaluate_clip"
 FIELDS = ("image", "edit", "input", "output")
 
 
-class ExampleError(ValueError):
+class ExampleError(Ip2pError):
     """An example file or dataset that cannot be used; the message names the file and line."""
 
 
@@ -98,7 +99,7 @@ def read_jsonl(path: str, num: int | None = None) -> list[dict]:
             image_path = os.path.join(folder, os.path.expanduser(rec["image"]))
             try:
                 image = imlib.load_image(image_path)
-            except ValueError as e:
+            except imlib.ImageError as e:
                 raise ExampleError(f"{where}: {e}") from None
             out.append({"image": image, "edit": rec["edit"], "input": rec["input"], "output": rec["output"],
                         "name": rec["image"]})
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         names = [e["name"] for e in examples]
         image_0 = scorer.image_features(inputs, names=names)
         text = scorer.text_features([e["input"] for e in examples] + [e["output"] for e in examples])
-    except (ValueError, OSError) as e:
+    except (Ip2pError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     text_0, text_1 = text[:len(examples)], text[len(examples):]
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
             rows.append(row)
             tqdm.write(f"{text_scale:6.2f} {image_scale:6.2f} {row['sim_direction']:14.4f} {row['sim_image']:10.4f}"
                        f" {row['sim_0']:8.4f} {row['sim_1']:8.4f} {row['seconds']:7.1f}", file=sys.stdout)
-    except ValueError as e:
+    except Ip2pError as e:
         bar.close()
         print(f"{PROG}: error: {e} ({len(rows)} of {len(pairs)} pairs done, in {args.out})", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ip2p_jax.errors import Ip2pError  # noqa: E402  (after the path set-up above)
 
 
 def parse_args(argv=None):
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         from ip2p_jax.pipeline import EditPipeline
 
         pipe = EditPipeline.from_pretrained(args.model)
-    except ValueError as e:
+    except Ip2pError as e:
         print(f"evaluate_shapes: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,12 @@
-"""ip2p_jax.models.clip against transformers' CLIPTextModel / CLIPModel on the same perturbed tiny weights."""
+"""ip2p_jax.models.clip and ip2p_jax.weights.clip against transformers' CLIPTextModel / CLIPModel on the same
+perturbed tiny weights."""
 import jax
 import numpy as np
 import pytest
 
 import tiny
 from ip2p_jax.models import clip as C
+from ip2p_jax.weights import clip as WC
 from ip2p_jax.models.config import ConfigError
 from ip2p_jax.weights.naming import WeightsError, torch_to_flax
 from test_vae import torch_layout, torch_shapes
@@ -87,8 +89,8 @@ def test_clip_model_matches_transformers():
         transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed=2)
     cfg = C.CLIPConfig.from_dict(ref.config.to_dict(), source="tiny clip")
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    params = C.params_from_torch(state, C.abstract_params(cfg), source="tiny clip")
-    back = C.params_to_torch(params)
+    params = WC.params_from_torch(state, C.abstract_params(cfg), source="tiny clip")
+    back = WC.params_to_torch(params)
     assert back.keys() == state.keys() and all(np.array_equal(back[k], state[k]) for k in state)
 
     model = C.CLIPModel(cfg)
@@ -114,7 +116,7 @@ def test_clip_model_matches_transformers():
 
     bad = {k: v for k, v in state.items() if k != "vision_model.embeddings.class_embedding"}
     with pytest.raises(WeightsError, match="vision_model.embeddings.class_embedding"):
-        C.params_from_torch(bad, C.abstract_params(cfg), source="clip.safetensors")
+        WC.params_from_torch(bad, C.abstract_params(cfg), source="clip.safetensors")
     with pytest.raises(ValueError, match="16x16x3"):
         jax.eval_shape(lambda: model.apply({"params": params}, pixels[:, :16, :16], method=model.get_image_features))
     with pytest.raises(ValueError, match="78 tokens"):
@@ -140,7 +142,7 @@ def test_vit_l14_builds_like_transformers():
     assert ref_text.config.eos_token_id == 2 and ref_clip.config.projection_dim == 768
 
     clip_abstract = C.abstract_params(clip_cfg)
-    assert torch_layout(clip_abstract, C.BARE_PARAMS) == torch_shapes(ref_clip)
+    assert torch_layout(clip_abstract, WC.BARE_PARAMS) == torch_shapes(ref_clip)
     text_layout = torch_layout(C.abstract_params(text_cfg))
     assert text_layout == torch_shapes(ref_text, prefix="text_model.")
     assert sum(int(np.prod(s)) for s in text_layout.values()) == 123_060_480  # SD 1.5 text encoder

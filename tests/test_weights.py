@@ -362,7 +362,7 @@ def test_hub_id_offline_and_download_patterns(ip2p_dir, components, monkeypatch)
                                            "timbrooks/instruct-pix2pix.*pass the folder"):
         load("timbrooks/instruct-pix2pix")     # HF_HUB_OFFLINE=1 in tests, nothing cached
 
-    import huggingface_hub
+    from ip2p_jax.weights import hub
 
     calls = []
 
@@ -370,7 +370,7 @@ def test_hub_id_offline_and_download_patterns(ip2p_dir, components, monkeypatch)
         calls.append((repo_id, list(allow_patterns)))
         return ip2p_dir
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
     c = load("someone/tiny-ip2p", variant=None)
     assert c.source == "someone/tiny-ip2p"
     assert_params_equal(c.unet_params, components.unet_params)

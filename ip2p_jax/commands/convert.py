@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ip2p_jax.weights.naming import WeightsError
+from ip2p_jax.weights import WeightsError, expand_conv_in, load, save_diffusers_folder
 
 
 def add_arguments(parser) -> None:
@@ -33,8 +33,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ip2p_jax.weights import expand_conv_in, load, save_diffusers_folder
-
     if os.path.exists(args.out) and not args.overwrite:
         raise WeightsError(f"{args.out}: already exists (choose another output, or --overwrite)")
     try:

@@ -15,9 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 
+from ip2p_jax import demo, images, sharding
+from ip2p_jax.diffusion import make_plan
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.progress import progress
+
+
+class EditUsageError(Ip2pError):
+    """A bad combination of `ip2p edit` options, or no model to edit with."""
 
 
 def _floats(text: str) -> list[float]:
@@ -28,8 +38,6 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ip2p_jax import images
-
     p.epilog = ("Exit status: 0 when at least one result was written (unreadable inputs are reported and "
                 "skipped), 1 when nothing could be edited, 2 for a usage error.")
 
@@ -67,8 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def find_demo_model() -> str | None:
     """The demo model shipped with the package (or named by $IP2P_JAX_DEMO_MODEL), if installed."""
-    from ip2p_jax import demo
-
     try:
         return demo.demo_model_path()
     except demo.DemoError:
@@ -108,21 +114,15 @@ def _warn(msg: str) -> None:
 
 
 def run(args) -> int:
-    from ip2p_jax import images
-
     if args.steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise ValueError("--steps, --num-samples and --batch-size must be positive")
-    from ip2p_jax.diffusion import make_plan
-
+        raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
     make_plan(args.sampler, args.steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
-        raise ValueError("--grid needs at least one --text-scales and one --image-scales value")
+        raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
     model = args.model or find_demo_model()
     if model is None:
-        from ip2p_jax.demo import DEMO_MODEL_ENV
-
-        raise ValueError("no --model given and no demo model installed "
-                         f"(pass --model PATH, or set ${DEMO_MODEL_ENV})")
+        raise EditUsageError("no --model given and no demo model installed "
+                             f"(pass --model PATH, or set ${demo.DEMO_MODEL_ENV})")
 
     # Read and check every input first: a bad one is reported and skipped, the others go on.
     paths = images.expand_paths(args.image)
@@ -138,9 +138,6 @@ def run(args) -> int:
     if not loaded:
         _warn(f"nothing to edit: none of the {len(paths)} input(s) can be edited")
         return 1
-
-    from ip2p_jax import sharding
-    from ip2p_jax.pipeline import EditPipeline
 
     if args.compilation_cache is not None:
         sharding.enable_compilation_cache(args.compilation_cache or None)
@@ -158,12 +155,10 @@ def run(args) -> int:
 
 
 def _run_edits(pipe, loaded, args, common) -> int:
-    from tqdm import tqdm
-
     pairs = [(path, img, text) for path, img in loaded for text in args.instruction]
     taken: set = set()
     n = 0
-    with tqdm(total=len(pairs) * args.num_samples, desc="editing", unit="img", disable=args.quiet) as bar:
+    with progress(total=len(pairs) * args.num_samples, desc="editing", unit="img", enabled=not args.quiet) as bar:
         for out in pipe.iter_edit([img for _, img, _ in pairs], [t for _, _, t in pairs],
                                   text_scale=args.text_scale, image_scale=args.image_scale, seed=args.seed,
                                   num_samples=args.num_samples, randomize_scales=args.randomize_scales,
@@ -178,18 +173,12 @@ def _run_edits(pipe, loaded, args, common) -> int:
 
 
 def _run_grid(pipe, loaded, args, common) -> int:
-    import random
-
-    from tqdm import tqdm
-
-    from ip2p_jax import images
-
     ts, ims = args.text_scales, args.image_scales
     cells = [(i_s, t_s) for i_s in ims for t_s in ts]        # row-major: rows image scale
     taken: set = set()
     n = 0
     jobs = [(path, img, text) for path, img in loaded for text in args.instruction]
-    for path, img, text in tqdm(jobs, desc="grids", unit="grid", disable=args.quiet):
+    for path, img, text in progress(jobs, desc="grids", unit="grid", enabled=not args.quiet):
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
         res = pipe.edit([img] * len(cells), text, text_scale=[t for _, t in cells],
                         image_scale=[i for i, _ in cells], seed=[seed] * len(cells),

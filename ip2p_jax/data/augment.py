@@ -15,6 +15,12 @@ import io
 import numpy as np
 from PIL import Image
 
+from ip2p_jax.errors import Ip2pError
+
+
+class AugmentError(Ip2pError):
+    """Augmentation settings out of range (a config's data.augment)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -27,10 +33,10 @@ class AugmentConfig:
 
     def __post_init__(self):
         if not 0 < self.crop_size <= self.min_resize <= self.max_resize:
-            raise ValueError(f"augmentation needs 0 < crop_size <= min_resize <= max_resize, got crop_size="
+            raise AugmentError(f"augmentation needs 0 < crop_size <= min_resize <= max_resize, got crop_size="
                              f"{self.crop_size}, min_resize={self.min_resize}, max_resize={self.max_resize}")
         if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+            raise AugmentError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:

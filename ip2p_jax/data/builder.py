@@ -31,9 +31,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.data import sources as src
+from ip2p_jax.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +161,11 @@ class _SplitRouter:
         self.spools: dict[str, _Spool] | None = None
 
     def _checked(self) -> Iterator[dict]:
-        from tqdm.auto import tqdm
-
         def load(x):
             return x if isinstance(x, src.Rejection) else _load(x)
 
-        bar = tqdm(total=self.planned, desc=f"reading {self.source.format} source", unit=" pairs",
-                   disable=not self.progress, mininterval=1.0, smoothing=0.05)
+        bar = progress(total=self.planned, desc=f"reading {self.source.format} source", unit=" pairs",
+                       enabled=self.progress)
         try:
             for out in _ordered_map(load, self.source.scan(), self.workers, 4 * self.workers):
                 bar.update(1)
@@ -173,7 +174,7 @@ class _SplitRouter:
                         raise BuildError(f"{out} [--strict: the first bad item stops the build; "
                                          "without it bad items are skipped and reported]")
                     self.report.reject(out)
-                    bar.set_postfix(rejected=self.report.rejected, refresh=False)
+                    bar.set_postfix_str(f"rejected={self.report.rejected}", refresh=False)
                     continue
                 yield out
         finally:
@@ -240,8 +241,7 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
 
     def _write_split(self, split: str, examples) -> tfds.core.SplitInfo | None:
         """Stream `examples` into array_record shards of about SHARD_BYTES, in order."""
-        from array_record.python import array_record_module
-        from tensorflow_datasets.core import example_serializer
+        from array_record.python import array_record_module  # optional heavy dependency
 
         feats = self.info.features
         serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
@@ -299,8 +299,6 @@ def dataset_dir(data_dir: str, name: str) -> str:
 @contextlib.contextmanager
 def _quiet_tfds():
     """TFDS' own progress bars, prints and warnings would duplicate (and confuse) ours."""
-    from tensorflow_datasets.core.utils import tqdm_utils
-
     was_enabled = tqdm_utils._active
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level

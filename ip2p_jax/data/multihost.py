@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def batch_sharding(mesh, batch_axes=("data",)):
     """NamedSharding putting the leading (batch) dimension over `batch_axes`, the rest replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     missing = [a for a in batch_axes if a not in mesh.axis_names]
     if missing:
         raise ValueError(f"mesh axes {mesh.axis_names} lack the batch axes {missing}")
@@ -22,8 +22,6 @@ def to_global(local_batch: Mapping[str, np.ndarray], mesh, batch_axes=("data",))
     The global batch is the hosts' local batches in process order; every host must pass the
     same keys, shapes and dtypes, and the local batch must divide over the host's devices.
     """
-    import jax
-
     sharding = batch_sharding(mesh, batch_axes)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 

@@ -21,6 +21,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.data import augment as aug
@@ -103,7 +104,7 @@ class _MakeExample:
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
+        import jax  # not at the top: grain's worker processes import this module and need no jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
@@ -148,7 +149,7 @@ class EditPairPipeline:
 
     # -- the grain dataset
     def _map_dataset(self):
-        import grain
+        import grain  # optional heavy dependency
 
         cfg = self.config
         ds = grain.MapDataset.range(self.num_units)
@@ -164,7 +165,7 @@ class EditPairPipeline:
         return ds.batch(self.local_batch_size, drop_remainder=True)
 
     def _iterator(self, step: int):
-        import grain
+        import grain  # optional heavy dependency
 
         cfg = self.config
         ds = self._map_dataset()[step:]
@@ -223,8 +224,6 @@ class EditPairPipeline:
 
 def _absl_flags_parsed():
     """grain reads absl flags in its worker processes; unparsed flags there raise."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

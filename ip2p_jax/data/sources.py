@@ -18,6 +18,9 @@ import os
 import re
 from typing import Iterator
 
+import pyarrow.parquet as pq
+from PIL import Image
+
 from ip2p_jax.errors import Ip2pError
 
 SPLITS = ("train", "validation", "test")
@@ -77,8 +80,6 @@ def split_of(prompt_id: str) -> str:
 
 def check_image(data: bytes) -> str:
     """Decode `data` fully enough to catch corrupt or truncated files; returns the format."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
@@ -247,8 +248,6 @@ class ParquetSource:
     def _mapping(self, file: str) -> dict[str, str] | Rejection:
         """field -> column for `file`, or a Rejection of the whole file."""
         if file not in self._columns:
-            import pyarrow.parquet as pq
-
             try:
                 meta = pq.read_metadata(file)
                 names = set(meta.schema.to_arrow_schema().names)  # top-level columns
@@ -265,8 +264,6 @@ class ParquetSource:
         return self._columns[file]
 
     def _rows(self, file: str, fields: tuple[str, ...]) -> Iterator[dict]:
-        import pyarrow.parquet as pq
-
         mapping = self._mapping(file)
         cols = {f: mapping[f] for f in fields if f in mapping}
         with pq.ParquetFile(file) as pf:

@@ -15,6 +15,9 @@ import json
 import os
 import re
 
+from ip2p_jax.datagen.shapes.instructions import TEMPLATES
+from ip2p_jax.datagen.shapes.world import COLORS, SHAPES, SIZES
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END = "</w>"
 
@@ -34,9 +37,6 @@ def byte_symbols() -> list[str]:
 
 def shapes_words() -> list[str]:
     """Every word of the shapes world's captions and instruction templates, sorted."""
-    from ip2p_jax.datagen.shapes.instructions import TEMPLATES
-    from ip2p_jax.datagen.shapes.world import COLORS, SHAPES, SIZES
-
     text = " ".join(t for ts in TEMPLATES.values() for t in ts)
     text = re.sub(r"\{\w+\}", " ", text)
     words = set(re.findall(r"[a-z]+", text.lower()))
@@ -84,7 +84,7 @@ def build_tokenizer(out_dir: str, words: list[str] | None = None):
     """Write the tokenizer folder ``out_dir`` and return the loaded CLIPTokenizer.
 
     Raises ValueError if a shapes word does not encode to a single token."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # optional heavy dependency
 
     words = shapes_words() if words is None else sorted(set(words))
     vocab, merges = vocab_and_merges(words)

@@ -33,16 +33,14 @@ from ip2p_jax import placement, sharding
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.models.clip import CLIPModel
 from ip2p_jax.tokenizer import tokenize
+from ip2p_jax.weights.clip import ClipModelError, load_clip_model
+from ip2p_jax.weights.io import read_json
 
 METRICS = ("sim_direction", "sim_image", "sim_0", "sim_1")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_BATCH_SIZE = 32
 _EPS = 1e-8   # torch.nn.functional.cosine_similarity's default
-
-
-class ClipModelError(Ip2pError):
-    """A CLIP model folder that is missing, incomplete or unreadable; the message names the path."""
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -202,33 +200,15 @@ def mean_scores(scores: Mapping[str, Sequence[float]]) -> dict[str, float]:
 def load_clip_folder(path: str, *, dtype=np.float32):
     """A transformers CLIPModel folder (config.json, model.safetensors or pytorch_model.bin,
     tokenizer files, optional preprocessor_config.json) -> (CLIPConfig, params, tokenizer, processor)."""
-    from ip2p_jax.tokenizer import load_tokenizer
-    from ip2p_jax.models import clip
-    from ip2p_jax.weights.io import find_weights, read_json, read_state_dict
-
+    config, params, tokenizer = load_clip_model(path, dtype=dtype)
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ClipModelError(f"{path}: no such CLIP model folder (expected a transformers CLIPModel folder: "
-                             "config.json, model.safetensors, tokenizer and preprocessor_config.json)")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ClipModelError(f"{path}: incomplete CLIP model folder: no config.json")
+    proc_path = os.path.join(path, "preprocessor_config.json")
     try:
-        raw = read_json(config_path)
-        if raw.get("model_type", "clip") != "clip":
-            raise ClipModelError(f"{config_path}: model_type={raw['model_type']!r}; the CLIP metrics need a "
-                                 "full CLIPModel (model_type 'clip': text and vision towers)")
-        config = clip.CLIPConfig.from_dict(raw, source=config_path)
-        weights = find_weights(path, "model", pickle_stem="pytorch_model")
-        params = clip.params_from_torch(read_state_dict(weights), clip.abstract_params(config), source=weights,
-                                        dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        proc_path = os.path.join(path, "preprocessor_config.json")
         processor = (ClipImageProcessor.from_dict(read_json(proc_path), source=proc_path)
                      if os.path.isfile(proc_path) else ClipImageProcessor.default(config.vision_config.image_size))
     except ClipModelError:
         raise
-    except ValueError as e:   # WeightsError, ConfigError, TokenizerError: they name the file
+    except Ip2pError as e:   # unreadable JSON: it names the file
         raise ClipModelError(f"{path}: cannot load the CLIP model: {e}") from None
     side = config.vision_config.image_size
     if processor.crop is not None and processor.crop != (side, side):

@@ -4,8 +4,8 @@ Param paths mirror the PyTorch state-dict names of Stable Diffusion's `text_enco
 transformers' `CLIPModel`: `text_model.embeddings.token_embedding`, `text_model.encoder.layers_i.
 self_attn.q_proj`, ..., `vision_model.pre_layrnorm` (sic), `text_projection`, `visual_projection`.
 Two PyTorch parameters are bare `nn.Parameter`s without a `.weight` leaf
-(`vision_model.embeddings.class_embedding`, `logit_scale`); `params_from_torch` / `params_to_torch`
-convert them beside the generic table of ip2p_jax.weights.naming.
+(`vision_model.embeddings.class_embedding`, `logit_scale`); ip2p_jax.weights.clip converts them
+beside the generic table of ip2p_jax.weights.naming.
 Note: transformers >= 5 saves a lone CLIPTextModel without the `text_model.` prefix; SD folders
 (and CLIPModel files) have it.
 """
@@ -17,13 +17,10 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
-from flax import traverse_util
 
 from ip2p_jax.models import config as config_lib
 from ip2p_jax.models.config import ConfigError
 from ip2p_jax.models.layers import attention
-from ip2p_jax.weights import naming
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -47,10 +44,6 @@ _IRRELEVANT_KEYS = frozenset({
     "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p", "use_bfloat16",
 })
 _ACCEPTED_DEFAULTS = {"pruned_heads": {}}
-
-# PyTorch nn.Parameters held directly by a module: torch key = Flax path joined with dots.
-BARE_PARAMS = frozenset({"class_embedding", "logit_scale"})
-
 
 def _parse(cls, d: Mapping[str, Any], source: str):
     d = {k: v for k, v in d.items() if k not in _IRRELEVANT_KEYS}
@@ -381,42 +374,3 @@ def abstract_params(config, dtype=jnp.float32):
         px = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
         return jax.eval_shape(lambda k, i, p: model.init(k, i, p)["params"], key, ids, px)
     raise TypeError(f"abstract_params takes a CLIPTextConfig or CLIPConfig, got {type(config).__name__}")
-
-
-# ----------------------------------------------------------------------------- weights
-
-def _split_bare(flat: Mapping[tuple, Any]):
-    bare = {p: v for p, v in flat.items() if p[-1] in BARE_PARAMS}
-    rest = {p: v for p, v in flat.items() if p[-1] not in BARE_PARAMS}
-    return bare, rest
-
-
-def params_from_torch(state: Mapping[str, Any], abstract: Mapping[str, Any], *, source: str = "state dict",
-                      prefix: str = "", dtype=None) -> dict:
-    """ip2p_jax.weights.naming.torch_to_flax plus CLIP's bare parameters (class_embedding, logit_scale)."""
-    bare, rest = _split_bare(traverse_util.flatten_dict(dict(abstract)))
-    bare_keys = {prefix + ".".join(p): p for p in bare}
-    out = traverse_util.flatten_dict(naming.torch_to_flax(
-        {k: v for k, v in state.items() if k not in bare_keys}, traverse_util.unflatten_dict(rest),
-        source=source, prefix=prefix, dtype=dtype))
-    problems = []
-    for key, path in bare_keys.items():
-        if key not in state:
-            problems.append(f"missing key {key}")
-            continue
-        value = np.asarray(state[key])
-        if value.shape != tuple(bare[path].shape):
-            problems.append(f"{key}: file has {value.shape}, model expects {tuple(bare[path].shape)}")
-            continue
-        out[path] = value.astype(dtype or bare[path].dtype)
-    if problems:
-        raise naming.WeightsError(f"weights in {source} do not fit the model: " + "; ".join(problems))
-    return traverse_util.unflatten_dict(out)
-
-
-def params_to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
-    """The inverse of params_from_torch: PyTorch names -> numpy arrays in PyTorch layout."""
-    bare, rest = _split_bare(traverse_util.flatten_dict(dict(params)))
-    out = naming.flax_to_torch(traverse_util.unflatten_dict(rest), prefix=prefix) if rest else {}
-    out.update({prefix + ".".join(p): np.asarray(v) for p, v in bare.items()})
-    return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax.weights.naming import WeightsError
@@ -21,10 +22,7 @@ def expand_conv_in(unet_params: dict, unet_config, new_in_channels: int = 8):
         return unet_params, unet_config
     if new_in_channels < old:
         raise WeightsError(f"cannot shrink conv_in from {old} to {new_in_channels} input channels")
-    if isinstance(kernel, np.ndarray):
-        xp = np
-    else:  # jax arrays stay jax arrays
-        import jax.numpy as xp
+    xp = np if isinstance(kernel, np.ndarray) else jnp   # jax arrays stay jax arrays
     extra = xp.zeros(kernel.shape[:2] + (new_in_channels - old,) + kernel.shape[3:], kernel.dtype)
     conv_in = dict(unet_params["conv_in"], kernel=xp.concatenate([kernel, extra], axis=2))
     return dict(unet_params, conv_in=conv_in), dataclasses.replace(unet_config, in_channels=new_in_channels)

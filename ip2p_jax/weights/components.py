@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
+from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
 from ip2p_jax import dtypes
+from ip2p_jax.models import clip, unet, vae
 from ip2p_jax.weights.naming import flax_path_to_torch_key
 
 
 @dataclasses.dataclass(frozen=True)
 class ComponentSpec:
     folder: str          # sub-folder of a diffusers folder
-    module: str          # ip2p_jax.models module with the Flax model and `abstract_params(config)`
-    config_class: str    # its config dataclass (from_dict / to_dict)
+    module: ModuleType   # the ip2p_jax.models module with the Flax model and `abstract_params(config)`
+    config_class: type   # its config dataclass (from_dict / to_dict)
     weights_stem: str    # diffusers: diffusion_pytorch_model.safetensors, transformers: model.safetensors
     pickle_stem: str     # diffusers: diffusion_pytorch_model.bin, transformers: pytorch_model.bin
     library: str         # model_index.json entry
@@ -30,31 +31,28 @@ class ComponentSpec:
     # files may have it or not; we accept both and write it (both versions read that).
     optional_prefix: str = ""
 
-    def config_type(self):
-        return getattr(importlib.import_module(self.module), self.config_class)
-
     def config_from_dict(self, d: Mapping[str, Any], source: str):
-        return self.config_type().from_dict(dict(d), source=source)
+        return self.config_class.from_dict(dict(d), source=source)
 
     def abstract_params(self, config):
         try:
             return _abstract_params_cached(self.module, config)
         except TypeError:  # an unhashable config
-            return importlib.import_module(self.module).abstract_params(config)
+            return self.module.abstract_params(config)
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params_cached(module: str, config):
+def _abstract_params_cached(module: ModuleType, config):
     """Tracing a model for its shapes takes seconds; configs are frozen dataclasses, so cache by them."""
-    return importlib.import_module(module).abstract_params(config)
+    return module.abstract_params(config)
 
 
 SPECS = {
-    "unet": ComponentSpec("unet", "ip2p_jax.models.unet", "UNetConfig", "diffusion_pytorch_model",
+    "unet": ComponentSpec("unet", unet, unet.UNetConfig, "diffusion_pytorch_model",
                           "diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
-    "vae": ComponentSpec("vae", "ip2p_jax.models.vae", "VAEConfig", "diffusion_pytorch_model",
+    "vae": ComponentSpec("vae", vae, vae.VAEConfig, "diffusion_pytorch_model",
                          "diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
-    "text_encoder": ComponentSpec("text_encoder", "ip2p_jax.models.clip", "CLIPTextConfig", "model",
+    "text_encoder": ComponentSpec("text_encoder", clip, clip.CLIPTextConfig, "model",
                                   "pytorch_model", "transformers", "CLIPTextModel", optional_prefix="text_model."),
 }
 

@@ -12,13 +12,15 @@ import contextlib
 import os
 import shutil
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from typing import Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from ip2p_jax import dtypes
-from ip2p_jax.weights.components import (SPECS, Components, align_optional_prefix, cast_params)
+from ip2p_jax.progress import progress as progress_bar
+from ip2p_jax.tokenizer import TokenizerError, load_tokenizer
+from ip2p_jax.weights.components import SPECS, Components, align_optional_prefix, cast_params
 from ip2p_jax.weights.io import find_weights, read_json, read_state_dict, write_json, write_safetensors
 from ip2p_jax.weights.naming import WeightsError, flax_to_torch, torch_to_flax
 
@@ -34,7 +36,7 @@ SUPPORTED_CLASSES = {
 
 
 def _progress(items: Iterable, desc: str, enabled: bool):
-    return tqdm(list(items), desc=desc, unit="part", disable=not enabled, leave=False)
+    return progress_bar(list(items), desc=desc, unit="part", enabled=enabled, leave=False)
 
 
 def load_component(folder: str, name: str, *, dtype=np.float32, variant: str | None = None,
@@ -86,8 +88,6 @@ def load_diffusers_folder(path: str, dtype=np.float32, variant: str | None = Non
     Weights are read from `<stem>.safetensors` (no torch needed), sharded safetensors, or `.bin`
     (torch needed); `variant="fp16"` picks `<stem>.fp16.safetensors`. Params are cast to `dtype`.
     """
-    from ip2p_jax.tokenizer import load_tokenizer
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: no such folder")
@@ -100,7 +100,7 @@ def load_diffusers_folder(path: str, dtype=np.float32, variant: str | None = Non
         notes.append(f"{name}: read {os.path.relpath(weights_path, path)}")
     try:
         tokenizer = load_tokenizer(path)
-    except ValueError as e:
+    except TokenizerError as e:
         raise WeightsError(str(e)) from None
     scheduler_config = read_json(_scheduler_config_path(path))
     return Components(unet_config=loaded["unet"][0], unet_params=loaded["unet"][1],
@@ -130,8 +130,6 @@ def config_dict(name: str, config) -> dict:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

@@ -4,7 +4,11 @@ from __future__ import annotations
 import os
 import re
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
 from ip2p_jax.weights.components import SPECS
+from ip2p_jax.weights.io import find_weights
 from ip2p_jax.weights.naming import WeightsError
 
 # Stable Diffusion 1.x single files carry no tokenizer; theirs is CLIP ViT-L/14's.
@@ -33,9 +37,6 @@ def weight_patterns(ext: str, variant: str | None) -> list[str]:
 
 def snapshot(repo_id: str, allow_patterns: list[str], what: str, revision: str | None = None) -> str:
     """huggingface_hub.snapshot_download with one clear error when the hub cannot be used."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     try:
         return snapshot_download(repo_id, allow_patterns=allow_patterns, revision=revision)
     except RevisionNotFoundError:
@@ -52,8 +53,6 @@ def snapshot(repo_id: str, allow_patterns: list[str], what: str, revision: str |
 def download_pipeline(repo_id: str, variant: str | None = None, revision: str | None = None) -> str:
     """The local snapshot folder of a diffusers pipeline repo: configs, tokenizer, scheduler and the
     UNet / VAE / text encoder weights (safetensors, else .bin); nothing else (no safety checker)."""
-    from ip2p_jax.weights.io import find_weights
-
     folder = snapshot(repo_id, _META + weight_patterns("safetensors", variant), repo_id, revision)
     for comp, stem, pickle_stem in _WEIGHTS:
         try:

@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ip2p_jax.weights.naming import WeightsError
 
@@ -22,7 +24,7 @@ INDEX_SUFFIX = ".index.json"
 
 def require_torch(path: str, why: str = "to read PyTorch pickle files"):
     try:
-        import torch
+        import torch  # optional heavy dependency (the [torch] extra)
     except ImportError:
         raise WeightsError(f"{path}: torch is needed {why} but is not installed: "
                            "install ip2p_jax[torch] (or convert the file to .safetensors elsewhere)") from None
@@ -45,8 +47,6 @@ def read_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.nd
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -108,8 +108,6 @@ def _read_sharded(index_path: str, *, trust_pickle: bool) -> dict[str, np.ndarra
 
 def write_safetensors(state: Mapping[str, Any], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Write numpy (or jax) arrays; `format: pt` metadata lets diffusers/transformers read the file."""
-    from safetensors.numpy import save_file
-
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state.items()}
     save_file(arrays, path, metadata={"format": "pt", **dict(metadata or {})})
 

@@ -16,11 +16,13 @@ import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from ip2p_jax import dtypes
+from ip2p_jax.progress import progress as progress_bar
+from ip2p_jax.tokenizer import TokenizerError, load_tokenizer
 from ip2p_jax.weights.components import SPECS, Components
 from ip2p_jax.weights.diffusers_folder import config_dict, params_to_state, state_to_params
+from ip2p_jax.weights.hub import SD_TOKENIZER_REPO, download_tokenizer
 from ip2p_jax.weights.io import read_json, read_state_dict, require_torch, write_safetensors
 from ip2p_jax.weights.naming import WeightsError
 
@@ -60,7 +62,7 @@ DEFAULT_SCHEDULER = {
 
 def _converters(path: str):
     require_torch(path, "for diffusers' single-file converters (diffusers.loaders.single_file_utils)")
-    from diffusers.loaders import single_file_utils as sfu
+    from diffusers.loaders import single_file_utils as sfu  # optional heavy dependency (imports torch)
 
     return sfu
 
@@ -145,9 +147,6 @@ def _configs(config, ckpt: Mapping[str, Any], source: str) -> tuple[dict, dict, 
 
 
 def _tokenizer(tokenizer, folder_hint):
-    from ip2p_jax.tokenizer import load_tokenizer
-    from ip2p_jax.weights.hub import SD_TOKENIZER_REPO, download_tokenizer
-
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     try:
@@ -155,7 +154,7 @@ def _tokenizer(tokenizer, folder_hint):
             return load_tokenizer(os.fspath(tokenizer))
         if folder_hint is not None:
             return load_tokenizer(folder_hint)
-    except ValueError as e:
+    except TokenizerError as e:
         raise WeightsError(str(e)) from None
     try:
         return load_tokenizer(download_tokenizer())
@@ -188,8 +187,8 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
     del ckpt
     tokenizer = _tokenizer(tokenizer, tok_folder)   # before the long part, so a missing one fails fast
     params = {}
-    for name in tqdm(list(SPECS), desc=f"converting {os.path.basename(path)}", unit="part",
-                     disable=not progress, leave=False):
+    for name in progress_bar(list(SPECS), desc=f"converting {os.path.basename(path)}", unit="part",
+                             enabled=progress, leave=False):
         try:
             params[name] = state_to_params(states.pop(name), name, configs[name], dtype=dtype,
                                            source=f"{path} ({name}, names as diffusers' converter gives them)")

@@ -51,18 +51,18 @@ from .errors import BackendError, CaptionStageError
 from .finetune import export_finetune, finetune_example
 from .format import (EDIT_SEPARATOR, PROMPT_SEPARATOR, STOP, Rejection, WordBlocklist, cut_at_stop,
                      format_completion, format_prompt, parse_completion, same_caption)
+from .http_backend import OpenAICompletionsBackend
 from .sources import CaptionRow, read_captions, select_partition
 from .stage import StageResult, derive_seed, rejected_path, run_caption_stage
 from .store import JsonlAppender, recover_jsonl
+from .transformers_backend import TransformersBackend
 
 
 def make_backend(name: str, **kwargs) -> CompletionBackend:
-    """"transformers" (kwargs of TransformersBackend) or "openai" (of OpenAICompletionsBackend);
-    imported lazily so the HTTP backend never loads torch."""
+    """"transformers" (kwargs of TransformersBackend; torch loads only then) or "openai" (of
+    OpenAICompletionsBackend)."""
     if name == "transformers":
-        from .transformers_backend import TransformersBackend
         return TransformersBackend(**kwargs)
     if name == "openai":
-        from .http_backend import OpenAICompletionsBackend
         return OpenAICompletionsBackend(**kwargs)
     raise CaptionStageError(f"unknown backend '{name}' (expected 'transformers' or 'openai')")

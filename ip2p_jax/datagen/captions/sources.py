@@ -13,6 +13,7 @@ import os
 from typing import NamedTuple, Optional
 
 import numpy as np
+import pyarrow.dataset as ds
 
 from ip2p_jax import jsonl
 
@@ -75,8 +76,6 @@ def _read_jsonl(path: str, caption_column, url_column) -> list[CaptionRow]:
 
 
 def _read_parquet(path: str, caption_column, url_column) -> list[CaptionRow]:
-    import pyarrow.dataset as ds
-
     try:
         dataset = ds.dataset(path, format="parquet")
         names = dataset.schema.names

@@ -14,8 +14,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ip2p_jax.progress import progress as progress_bar
+
 from .backend import CompletionBackend
-from .errors import BackendError
+from .errors import BackendError, CaptionStageError
 from .format import BLOCKED_INPUT, Rejection, WordBlocklist, format_prompt, parse_completion
 from .sources import CaptionRow
 from .store import JsonlAppender, recover_jsonl
@@ -72,10 +74,8 @@ def run_caption_stage(rows: Iterable[CaptionRow], backend: CompletionBackend, ou
     ones already there). A caption gets up to `max_attempts` completions (the authors: 1 + 3
     retries); the first acceptable one is kept. `stream` (e.g. the partition index) keeps
     the seeds of parallel runs with the same `seed` apart."""
-    from tqdm.auto import tqdm
-
     if num_samples < 1 or batch_size < 1 or max_attempts < 1:
-        raise ValueError("num_samples, batch_size and max_attempts must be >= 1")
+        raise CaptionStageError("num_samples, batch_size and max_attempts must be >= 1")
     done = _DoneSet()
     accepted = recover_jsonl(out_path)
     for record in accepted:
@@ -89,8 +89,8 @@ def run_caption_stage(rows: Iterable[CaptionRow], backend: CompletionBackend, ou
     fresh = iter(rows)
     retries: deque = deque()
     with JsonlAppender(out_path) as out, JsonlAppender(rejected_path(out_path)) as rejected, \
-            tqdm(total=num_samples, initial=min(result.written, num_samples), desc="caption edits",
-                 unit="edit", disable=not progress) as bar:
+            progress_bar(total=num_samples, initial=min(result.written, num_samples), desc="caption edits",
+                         unit="edit", enabled=progress) as bar:
 
         def give_up(item: _Pending) -> None:
             rejected.write({"input": item.row.caption, "url": item.row.url, "reasons": item.reasons})
@@ -139,5 +139,5 @@ def run_caption_stage(rows: Iterable[CaptionRow], backend: CompletionBackend, ou
                 result.written += 1
                 result.new += 1
                 bar.update()
-            bar.set_postfix(rejected=sum(result.rejections.values()), refresh=False)
+            bar.set_postfix_str(f"rejected={sum(result.rejections.values())}", refresh=False)
     return result

@@ -17,7 +17,7 @@ def _openai_penalties(prompt_length: int, frequency: float, presence: float):
     """A LogitsProcessor with OpenAI's penalties: every token's logit is lowered by
     ``frequency * count + presence * (count > 0)``, counting the tokens generated so far
     (the prompt does not count). Applied before temperature, like vLLM."""
-    import torch
+    import torch  # optional heavy dependencies (this backend only)
     from transformers import LogitsProcessor
 
     class OpenAIPenalties(LogitsProcessor):
@@ -33,7 +33,7 @@ def _openai_penalties(prompt_length: int, frequency: float, presence: float):
 def _stop_on_text(tokenizer, prompt_length: int, stop: str):
     """A StoppingCriteria that ends a row once its generated text (not the prompt)
     contains `stop`. Only a short tail is decoded each step."""
-    import torch
+    import torch  # optional heavy dependencies (this backend only)
     from transformers import StoppingCriteria
 
     tail_tokens = 2 * len(stop) + 4  # every token decodes to >= 1 character, with margin
@@ -57,7 +57,7 @@ class TransformersBackend:
             raise BackendError(f"model folder {model_dir} does not exist")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise BackendError(f"{model_dir} is not a transformers model folder (no config.json)")
-        import torch
+        import torch  # optional heavy dependencies (this backend only)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.settings = settings
@@ -85,7 +85,7 @@ class TransformersBackend:
                     repetition_penalty=1.0)
 
     def generate(self, prompts: list[str], seed: int) -> list[str]:
-        import torch
+        import torch  # optional heavy dependencies (this backend only)
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         s = self.settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Sequence
 
-from tqdm.auto import tqdm
+from ip2p_jax.progress import progress as progress_bar
 
 from .instructions import generate_prompts
 from .pairs import Example, make_example, sample_seeds
@@ -37,7 +37,7 @@ def score_images(examples: Sequence[Example], images: Sequence, progress: bool =
     if len(images) != len(examples):
         raise ValueError(f"{len(images)} edited images for {len(examples)} examples")
     return [score_edit(e, img) for e, img in
-            tqdm(zip(examples, images), total=len(examples), desc="scoring", disable=not progress)]
+            progress_bar(zip(examples, images), total=len(examples), desc="scoring", enabled=progress)]
 
 
 def evaluate(edit_fn: EditFn, examples: Sequence[Example], progress: bool = False) -> tuple[dict, list]:

@@ -23,7 +23,8 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+
+from ip2p_jax.progress import progress as progress_bar
 
 from ..layout import (PROMPT_KEYS, collect_seeds, dir_name, finish,  # noqa: F401
                       is_finished, remove_empty_partial_root, remove_stale_partial_dirs,
@@ -146,7 +147,7 @@ def write_pairs(prompts: Iterable[dict], out, samples_per_prompt: int = 1, seed:
     jobs = [(str(out), i, p, sample_seeds(seed, i, samples_per_prompt), resolution, quality)
             for i, p in enumerate(prompts)]
     written = skipped = 0
-    bar = tqdm(total=len(jobs), desc="shapes pairs", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="shapes pairs", unit="prompt", enabled=progress)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(_write_job, jobs, chunksize=16) if pool else map(_write_job, jobs)
