@@ -233,8 +233,9 @@ class ClipScorer:
         self.dtype = jnp.dtype(dtype)
         self.model = CLIPModel(config, dtype=self.dtype, attention_impl=attention_impl)
         self.params = placement.place_params(params, self.dtype)
-        self._image_jit = placement.compiled(_features_function, self.model, "get_image_features")
-        self._text_jit = placement.compiled(_features_function, self.model, "get_text_features")
+        # Per scorer (not placement.compiled): its batch size fixes the shapes it compiles.
+        self._image_jit = _features_function(self.model, "get_image_features")
+        self._text_jit = _features_function(self.model, "get_text_features")
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=jnp.float32, batch_size: int = DEFAULT_BATCH_SIZE,

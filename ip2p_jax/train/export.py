@@ -9,13 +9,19 @@ from typing import Optional
 import jax
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
+
+class ExportError(Ip2pError):
+    """A folder that is not a training run this project can export."""
+
 
 def read_run_config(workdir: str):
     import ml_collections
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
+        raise ExportError(f"{path}: not a training workdir (no config.json)")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
