@@ -10,7 +10,7 @@ import argparse
 import random
 import sys
 
-from ip2p_jax.commands.edit import find_demo_model
+from ip2p_jax.commands.edit import DEFAULT_STEPS, DEMO_STEPS, find_demo_model
 from ip2p_jax.diffusion import SAMPLERS
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.images import RESIZE_MODES
@@ -32,9 +32,9 @@ def require_gradio():
     return gradio
 
 
-def edit_once(pipe, image, instruction: str, *, steps: int = 100, seed: int | None = None,
+def edit_once(pipe, image, instruction: str, *, steps: int = DEFAULT_STEPS, seed: int | None = None,
               randomize_seed: bool = True, text_scale: float = 7.5, image_scale: float = 1.5,
-              randomize_scales: bool = False, resolution: int = 512, resize: str = "authors",
+              randomize_scales: bool = False, resolution: int | None = None, resize: str = "authors",
               sampler: str = "euler_a"):
     """What the UI's Generate button does: returns (PIL image, seed, text scale, image scale)."""
     if image is None:
@@ -43,13 +43,14 @@ def edit_once(pipe, image, instruction: str, *, steps: int = 100, seed: int | No
         seed = random.SystemRandom().randrange(2 ** 31)
     res = pipe.edit(image, instruction or "", steps=int(steps), seed=int(seed), text_scale=float(text_scale),
                     image_scale=float(image_scale), randomize_scales=randomize_scales,
-                    resolution=int(resolution), resize=resize, sampler=sampler, progress=False)
+                    resolution=None if resolution is None else int(resolution), resize=resize, sampler=sampler, progress=False)
     s = res.settings[0]
     return res.images[0], s["seed"], s["text_scale"], s["image_scale"]
 
 
-def build_ui(pipe, gr=None):
-    """The gradio Blocks app around `pipe` (an EditPipeline)."""
+def build_ui(pipe, gr=None, *, steps_default: int = DEFAULT_STEPS):
+    """The gradio Blocks app around `pipe` (an EditPipeline); the resolution defaults to the
+    model's native size."""
     gr = gr or require_gradio()
 
     with gr.Blocks(title="InstructPix2Pix (ip2p_jax)") as ui:
@@ -59,7 +60,7 @@ def build_ui(pipe, gr=None):
             result = gr.Image(type="pil", label="Edited image", interactive=False)
         instruction = gr.Textbox(label="Edit instruction", placeholder="make it winter")
         with gr.Row():
-            steps = gr.Number(value=100, precision=0, label="Steps")
+            steps = gr.Number(value=steps_default, precision=0, label="Steps")
             seed = gr.Number(value=1371, precision=0, label="Seed")
             randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
             sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")
@@ -67,7 +68,7 @@ def build_ui(pipe, gr=None):
             text_scale = gr.Number(value=7.5, label="Text CFG")
             image_scale = gr.Number(value=1.5, label="Image CFG")
             randomize_scales = gr.Checkbox(value=False, label="Randomize CFG")
-            resolution = gr.Number(value=512, precision=0, label="Resolution")
+            resolution = gr.Number(value=pipe.native_resolution, precision=0, label="Resolution")
             resize = gr.Dropdown(list(RESIZE_MODES), value="authors", label="Resize")
         go = gr.Button("Generate", variant="primary")
 
@@ -100,7 +101,10 @@ def main(argv=None) -> int:
     except Ip2pError as e:
         print(f"ip2p app: error: {e}", file=sys.stderr)
         return 2
-    build_ui(pipe, gr).launch(server_port=args.port, share=args.share)
+    steps = DEFAULT_STEPS if args.model else DEMO_STEPS
+    print(f"ip2p app: using {model} ({'--model' if args.model else 'no --model given: the demo model'}); "
+          f"defaults {steps} steps, resolution {pipe.native_resolution}", file=sys.stderr)
+    build_ui(pipe, gr, steps_default=steps).launch(server_port=args.port, share=args.share)
     return 0
 
 

@@ -61,11 +61,13 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         Image.MAX_IMAGE_PIXELS = prev
 
 
-def check_pixels(size: tuple[int, int], max_pixels: int, *, name: str = "image") -> None:
+def check_pixels(size: tuple[int, int], max_pixels: int, *, name: str = "image",
+                 setting: str = "max_pixels / --max-pixels") -> None:
+    """ImageError naming the size, the limit and the `setting` that raises it, if over the limit."""
     w, h = size
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP is over the limit of "
-                         f"{max_pixels / 1e6:.1f} MP (raise it with max_pixels / --max-pixels)")
+                         f"{max_pixels / 1e6:.1f} MP (raise it with {setting})")
 
 
 def to_rgb(image, *, name: str = "image") -> Image.Image:
@@ -176,13 +178,14 @@ def edit_size(size: tuple[int, int], *, mode: str = "authors", resolution: int =
         w, h = _tiny_upscaled(w, h)
     if mode == "authors":
         out = authors_size(w, h, resolution)
-        check_pixels(out, max_edit_pixels, name=f"{name} (resized for editing)")
+        check_pixels(out, max_edit_pixels, name=f"{name} (resized for editing)",
+                     setting="max_edit_pixels / --max-edit-pixels, or lower the resolution")
         return out
     out = keep_size(w, h)
     if out[0] * out[1] > max_edit_pixels:
         raise ImageError(f"{name}: {out[0]}x{out[1]} is too large to edit at full size (limit "
                          f"{max_edit_pixels / 1e6:.1f} MP); use resize='authors' with a resolution, "
-                         f"or raise max_edit_pixels")
+                         f"or raise max_edit_pixels / --max-edit-pixels")
     return out
 
 

@@ -35,6 +35,7 @@ RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
 RANDOM_IMAGE_SCALE = (1.2, 1.8)
 PER_DEVICE_BATCH = 8               # default edits per device in one compiled call
 SEED_LIMIT = 2 ** 32
+FALLBACK_RESOLUTION = 512          # models whose UNet config gives no sample_size
 
 
 class EditError(Ip2pError):
@@ -135,6 +136,15 @@ class EditPipeline:
                    source=str(path_or_hub_id))
 
     @property
+    def native_resolution(self) -> int:
+        """The image side the model was trained at, the default edit resolution: the UNet's
+        sample_size times the VAE factor (512 for SD 1.5, 64 for the demo model)."""
+        size = self.unet_config.sample_size
+        if isinstance(size, (list, tuple)):
+            size = max(size)
+        return max(64, int(size) * self.vae_scale) if size else FALLBACK_RESOLUTION   # 64: the authors' rule's least
+
+    @property
     def num_devices(self) -> int:
         return sharding.data_size(self.mesh)
 
@@ -180,8 +190,8 @@ class EditPipeline:
         seed: None (random, reported), an int (output i gets seed + i) or one per image (sample k
           of image j gets seed[j] + k). An output's noise depends only on its seed.
         latents: optional initial noise (outputs, H/8, W/8, 4), standard normal, unscaled.
-        num_samples: outputs per image. resolution, resize ("authors" | "keep"): see
-          ip2p_jax.images.resize_for_edit. batch_size: edits per compiled call (default 8 per device).
+        num_samples: outputs per image. resolution (default: the model's native_resolution),
+          resize ("authors" | "keep"): see ip2p_jax.images.resize_for_edit. batch_size: edits per compiled call (default 8 per device).
         names: labels for messages and settings (default "image 0", ...). max_pixels: input limit.
         """
         outs = sorted(self.iter_edit(images, instructions, progress=progress, **kwargs),
@@ -190,12 +200,13 @@ class EditPipeline:
 
     def iter_edit(self, images, instructions, *, steps: int = 100, text_scale=7.5, image_scale=1.5,
                   sampler: str = "euler_a", schedule: str | None = None, seed=None, latents=None,
-                  num_samples: int = 1, resolution: int = 512, resize: str = "authors",
+                  num_samples: int = 1, resolution: int | None = None, resize: str = "authors",
                   randomize_scales: bool = False, batch_size: int | None = None, names=None,
                   max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
                   progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
         plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
+        resolution = self.native_resolution if resolution is None else resolution
         jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
                           sampler=sampler, schedule=schedule or samplers.DEFAULT_SCHEDULE[sampler], seed=seed,
                           num_samples=num_samples, resolution=resolution, resize=resize,

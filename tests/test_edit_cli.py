@@ -113,3 +113,49 @@ def test_app_without_gradio_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)   # import gradio -> ImportError, installed or not
     assert app.main(["--model", "unused"]) == 2
     assert "pip install 'ip2p_jax[app]'" in capsys.readouterr().err
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "shapes_0.png")
+
+
+def test_demo_model_defaults_fit_the_model(tmp_path, capsys):
+    """The README's example as written: no --model, the default resize rule. The demo model edits at
+    its native 64 px and 20 steps (not 512 px / 100 steps), and says which model it uses and why."""
+    out = tmp_path / "edits"
+    code = cli.main(["edit", "--image", EXAMPLE, "--instruction", "make the background blue", "--out", str(out),
+                     "--seed", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "the demo model" in err and "no --model given" in err and "resolution 64" in err
+    pngs = [p for p in os.listdir(out) if p.endswith(".png")]
+    assert len(pngs) == 1 and Image.open(out / pngs[0]).size == (64, 64)
+    side = json.load(open(out / (pngs[0][:-4] + ".json")))
+    assert (side["steps"], side["resolution"]) == (20, 64)
+
+
+def test_edit_budget_is_checked_before_compiling_and_names_the_flag(tmp_path, capsys):
+    out = tmp_path / "edits"
+    code = cli.main(["edit", "--image", EXAMPLE, "--instruction", "x", "--out", str(out), "--resolution", "4096",
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "4096x4096" in err and "--max-edit-pixels" in err and "4.2 MP" in err
+    assert not out.exists()
+
+
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch):
+    from ip2p_jax.pipeline import EditPipeline
+
+    def broken(self, *a, **k):
+        raise RuntimeError("device lost")
+        yield
+
+    monkeypatch.setattr(EditPipeline, "iter_edit", broken)
+    out = tmp_path / "edits"
+    with pytest.raises(RuntimeError, match="device lost"):
+        cli.main(["edit", "--image", EXAMPLE, "--instruction", "x", "--out", str(out), "--quiet"])
+    assert not out.exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        cli.main(["edit", "--image", EXAMPLE, "--instruction", "x", "--out", str(existing), "--quiet"])
+    assert existing.is_dir()   # a folder the user made stays

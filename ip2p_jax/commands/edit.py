@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +25,12 @@ from ip2p_jax.diffusion import make_plan
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.pipeline import EditPipeline
 from ip2p_jax.progress import progress
+
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 100        # the authors' default for real models
+DEMO_STEPS = 20            # the demo model edits as well at 20 steps (its evaluation setting)
 
 
 class EditUsageError(Ip2pError):
@@ -47,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instruction", action="append", required=True, metavar="TEXT",
                    help="the edit, e.g. 'make it winter' (repeat for several; '' returns the input)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps (default: {DEFAULT_STEPS}; {DEMO_STEPS} for the demo model)")
     p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale")
     p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale")
     p.add_argument("--randomize-scales", action="store_true",
@@ -56,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="euler_a", help="euler_a (default), euler, ddim, dpmpp_2m")
     p.add_argument("--schedule", default=None,
                    help="kdiffusion (the authors'; default for euler/euler_a), diffusers, karras; ddim: diffusers only")
-    p.add_argument("--resolution", type=int, default=512, help="long side for --resize authors")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="long side for --resize authors (default: the model's native size: 512 for SD 1.5, "
+                        "64 for the demo model)")
     p.add_argument("--resize", choices=images.RESIZE_MODES, default="authors",
                    help="authors: long side ~resolution, multiples of 64; keep: input size (floored to x8)")
     p.add_argument("--num-samples", type=int, default=1, help="results per image and instruction")
@@ -68,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on GPU/TPU, fp32 on CPU")
     p.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                    help="refuse input images with more pixels than this")
+    p.add_argument("--max-edit-pixels", type=int, default=images.DEFAULT_MAX_EDIT_PIXELS,
+                   help="refuse edits larger than this many pixels after resizing (checked before any compile)")
     p.add_argument("--compilation-cache", metavar="DIR", nargs="?", const="",
                    help="keep compiled edits on disk (default dir: $IP2P_JAX_COMPILATION_CACHE or ~/.cache/ip2p_jax/xla)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,24 +125,44 @@ def _warn(msg: str) -> None:
     print(f"ip2p edit: {msg}", file=sys.stderr)
 
 
-def run(args) -> int:
-    if args.steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
-    make_plan(args.sampler, args.steps, args.schedule)   # unknown sampler / schedule: usage error, now
-    if args.grid and (not args.text_scales or not args.image_scales):
-        raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
-    model = args.model or find_demo_model()
+def _choose_model(args) -> tuple[str, bool]:
+    """(model, is_demo): --model if given, else the installed demo model."""
+    if args.model:
+        return args.model, False
+    model = find_demo_model()
     if model is None:
         raise EditUsageError("no --model given and no demo model installed "
                              f"(pass --model PATH, or set ${demo.DEMO_MODEL_ENV})")
+    return model, True
 
-    # Read and check every input first: a bad one is reported and skipped, the others go on.
+
+def run(args) -> int:
+    model, is_demo = _choose_model(args)
+    steps = args.steps if args.steps is not None else (DEMO_STEPS if is_demo else DEFAULT_STEPS)
+    if steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
+    make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
+    if args.grid and (not args.text_scales or not args.image_scales):
+        raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
+
+    if args.compilation_cache is not None:
+        sharding.enable_compilation_cache(args.compilation_cache or None)
+    pipe = EditPipeline.from_pretrained(model, dtype=None if args.dtype == "auto" else args.dtype)
+    resolution = args.resolution if args.resolution is not None else pipe.native_resolution
+    log.info("using %s (%s); %d steps%s", model,
+             "no --model given: the demo model, which knows only the synthetic shapes world" if is_demo
+             else "--model", steps,
+             f", resolution {resolution} (the model's native size; --resolution to change)"
+             if args.resize == "authors" and args.resolution is None else "")
+
+    # Read and check every input before any compile: a bad one is reported and skipped, the others go on.
     paths = images.expand_paths(args.image)
     loaded, failed = [], []
     for path in paths:
         try:
             img = images.load_image(path, max_pixels=args.max_pixels)
-            images.edit_size(img.size, mode=args.resize, resolution=args.resolution, name=path)
+            images.edit_size(img.size, mode=args.resize, resolution=resolution, name=path,
+                             max_edit_pixels=args.max_edit_pixels)
             loaded.append((path, img))
         except images.ImageError as e:
             failed.append(path)
@@ -139,13 +171,16 @@ def run(args) -> int:
         _warn(f"nothing to edit: none of the {len(paths)} input(s) can be edited")
         return 1
 
-    if args.compilation_cache is not None:
-        sharding.enable_compilation_cache(args.compilation_cache or None)
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
-    pipe = EditPipeline.from_pretrained(model, dtype=None if args.dtype == "auto" else args.dtype)
-    common = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, resolution=args.resolution,
-                  resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels)
-    n_written = _run_grid(pipe, loaded, args, common) if args.grid else _run_edits(pipe, loaded, args, common)
+    common = dict(steps=steps, sampler=args.sampler, schedule=args.schedule, resolution=resolution,
+                  resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                  max_edit_pixels=args.max_edit_pixels)
+    try:
+        n_written = _run_grid(pipe, loaded, args, common) if args.grid else _run_edits(pipe, loaded, args, common)
+    finally:
+        if created and not os.listdir(args.out):   # a failed run leaves no empty folder behind
+            os.rmdir(args.out)
     total_in = len(paths)
     summary = f"wrote {n_written} result(s) to {args.out}"
     if failed:
