@@ -36,6 +36,12 @@ RANDOM_IMAGE_SCALE = (1.2, 1.8)
 PER_DEVICE_BATCH = 8               # default edits per device in one compiled call
 SEED_LIMIT = 2 ** 32
 FALLBACK_RESOLUTION = 512          # models whose UNet config gives no sample_size
+# Request limits, applied alike to the API, `ip2p edit` and the web UI (one request can neither
+# exhaust the host nor write garbage). Pixel budgets: ip2p_jax.images (max_pixels, max_edit_pixels).
+MAX_STEPS = 1000                   # the training timesteps: more sampler steps than that mean nothing
+MAX_NUM_SAMPLES = 256              # outputs per image in one request
+MAX_BATCH_SIZE = 4096              # edits per compiled call
+MAX_SCALE = 100.0                  # |text_scale|, |image_scale|; NaN and inf are refused
 
 
 class EditError(Ip2pError):
@@ -205,6 +211,8 @@ class EditPipeline:
                   max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
                   progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
+        check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
+                      image_scale=image_scale)
         plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
         resolution = self.native_resolution if resolution is None else resolution
         jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
@@ -417,6 +425,29 @@ def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
     if min(flat) < 0 or max(flat) >= SEED_LIMIT:
         raise EditError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
     return seeds
+
+
+def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=7.5,
+                  image_scale=1.5) -> None:
+    """EditError (naming the setting and its flag) unless every setting is within the request
+    limits above. Cheap: callers run it before any planning, loading or compiling."""
+    def count(value, name, limit):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= limit:
+            raise EditError(f"{name} / --{name.replace('_', '-')} must be an integer from 1 to {limit}, "
+                            f"got {value!r}")
+
+    count(steps, "steps", MAX_STEPS)
+    count(num_samples, "num_samples", MAX_NUM_SAMPLES)
+    if batch_size is not None:
+        count(batch_size, "batch_size", MAX_BATCH_SIZE)
+    for name, value in (("text_scale", text_scale), ("image_scale", image_scale)):
+        try:
+            scales = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            scales = np.array(np.nan)
+        if not np.all(np.isfinite(scales)) or np.any(np.abs(scales) > MAX_SCALE):
+            raise EditError(f"{name} / --{name.replace('_', '-')} must be finite numbers with "
+                            f"|value| <= {MAX_SCALE:g}, got {value!r}")
 
 
 def _per_item(value, n: int, name: str) -> list[float]:

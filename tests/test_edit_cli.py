@@ -159,3 +159,33 @@ def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         cli.main(["edit", "--image", EXAMPLE, "--instruction", "x", "--out", str(existing), "--quiet"])
     assert existing.is_dir()   # a folder the user made stays
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "1000000000"], "steps / --steps must be an integer from 1 to 1000"),
+    (["--text-scale", "nan"], "text_scale / --text-scale must be finite"),
+    (["--image-scale", "inf"], "image_scale / --image-scale must be finite"),
+    (["--num-samples", "100000"], "num_samples / --num-samples must be an integer from 1 to 256"),
+    (["--grid", "--text-scales", "1,nan"], "text_scale / --text-scale must be finite"),
+])
+def test_unbounded_requests_are_refused_at_once(flags, message, tmp_path, capsys):
+    import time
+
+    out = tmp_path / "edits"
+    start = time.perf_counter()
+    code = cli.main(["edit", "--image", EXAMPLE, "--instruction", "x", "--out", str(out), "--quiet", *flags])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert elapsed < 1.0 and not out.exists()   # refused before any model is loaded or plan is built
+
+
+def test_request_limits_hold_for_the_api(tmp_path_factory):
+    from ip2p_jax.pipeline import EditError, EditPipeline
+
+    pipe = EditPipeline.from_pretrained(fx.tiny_model_dir(tmp_path_factory), dtype="fp32")
+    for kwargs, message in ((dict(steps=10 ** 9), "steps"), (dict(text_scale=float("nan")), "text_scale"),
+                            (dict(image_scale=[1.5, float("inf")]), "image_scale"),
+                            (dict(batch_size=10 ** 6), "batch_size")):
+        with pytest.raises(EditError, match=message):
+            pipe.edit(fx.sample_images(2), fx.INSTRUCTION, progress=False, **kwargs)

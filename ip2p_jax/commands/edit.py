@@ -23,7 +23,7 @@ import sys
 from ip2p_jax import demo, images, sharding
 from ip2p_jax.diffusion import make_plan
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.pipeline import EditPipeline, check_request
 from ip2p_jax.progress import progress
 
 
@@ -141,6 +141,9 @@ def run(args) -> int:
     steps = args.steps if args.steps is not None else (DEMO_STEPS if is_demo else DEFAULT_STEPS)
     if steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
+    check_request(steps=steps, num_samples=args.num_samples, batch_size=args.batch_size,
+                  text_scale=[args.text_scale, *(args.text_scales if args.grid else [])],
+                  image_scale=[args.image_scale, *(args.image_scales if args.grid else [])])
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
