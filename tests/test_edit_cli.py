@@ -189,3 +189,41 @@ def test_request_limits_hold_for_the_api(tmp_path_factory):
                             (dict(batch_size=10 ** 6), "batch_size")):
         with pytest.raises(EditError, match=message):
             pipe.edit(fx.sample_images(2), fx.INSTRUCTION, progress=False, **kwargs)
+
+
+def test_outputs_never_write_through_planted_names(tmp_path, capsys):
+    """Symlinks planted at the predictable temporary name and at the output name itself are never
+    written through: the victim file stays as it was and the result gets a name of its own."""
+    out = tmp_path / "edits"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    stem = "shapes_0_make-it-blue_0"
+    os.symlink(victim, out / f"{stem}.png.part")
+    os.symlink(victim, out / f"{stem}.png")
+    code = cli.main(["edit", "--image", EXAMPLE, "--instruction", "make it blue", "--out", str(out), "--seed", "0",
+                     "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert victim.read_text() == "precious"
+    assert Image.open(out / f"{stem}-1.png").size == (64, 64)
+    assert json.load(open(out / f"{stem}-1.json"))["seed"] == 0
+    assert not [p for p in os.listdir(out) if p.endswith(".part") and not os.path.islink(out / p)]
+
+
+def test_concurrent_writers_never_share_a_name(tmp_path):
+    import threading
+
+    image = Image.fromarray(tiny.random_image(8, 8))
+    paths, barrier = [], threading.Barrier(8)
+
+    def writer(i):
+        barrier.wait()
+        paths.append(edit_cmd._write_new(str(tmp_path), "same", image, {"writer": i}))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 8
+    assert sorted(json.load(open(p[:-4] + ".json"))["writer"] for p in paths) == list(range(8))

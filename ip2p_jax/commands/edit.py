@@ -13,14 +13,13 @@ error (bad option, no model).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import re
 import sys
 
-from ip2p_jax import demo, images, sharding
+from ip2p_jax import demo, files, images, sharding
 from ip2p_jax.diffusion import make_plan
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.pipeline import EditPipeline, check_request
@@ -98,27 +97,23 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "input"
 
 
-def _free_path(directory: str, stem: str, ext: str, taken: set) -> str:
-    """A path in `directory` that neither exists nor was handed out this run (never overwrite)."""
+def _write_new(directory: str, stem: str, image, settings: dict) -> str:
+    """Write `image` as a PNG under a name no file in `directory` has (`stem.png`, `stem-1.png`, ...),
+    claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites."""
     n = 0
     while True:
-        name = f"{stem}{'' if n == 0 else f'-{n}'}{ext}"
-        path = os.path.join(directory, name)
-        if path not in taken and not os.path.exists(path) and not os.path.exists(path[:-len(ext)] + ".json"):
-            taken.add(path)
-            return path
+        path = os.path.join(directory, f"{stem}{'' if n == 0 else f'-{n}'}.png")
+        side = path[:-4] + ".json"
         n += 1
-
-
-def _write(image, settings: dict, path: str) -> None:
-    """PNG then sidecar, each written to a temporary name and renamed (no half-written files)."""
-    tmp = path + ".part"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    side = os.path.splitext(path)[0] + ".json"
-    with open(side + ".part", "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(side + ".part", side)
+        if os.path.lexists(side):
+            continue
+        try:
+            with files.atomic_file(path, exclusive=True) as f:
+                image.save(f, format="PNG")
+        except FileExistsError:
+            continue
+        files.write_json(side, settings, exclusive=True)
+        return path
 
 
 def _warn(msg: str) -> None:
@@ -194,7 +189,6 @@ def run(args) -> int:
 
 def _run_edits(pipe, loaded, args, common) -> int:
     pairs = [(path, img, text) for path, img in loaded for text in args.instruction]
-    taken: set = set()
     n = 0
     with progress(total=len(pairs) * args.num_samples, desc="editing", unit="img", enabled=not args.quiet) as bar:
         for out in pipe.iter_edit([img for _, img, _ in pairs], [t for _, _, t in pairs],
@@ -203,8 +197,8 @@ def _run_edits(pipe, loaded, args, common) -> int:
                                   names=[p for p, _, _ in pairs], **common):
             path, _, text = pairs[out.settings["pair_index"]]
             stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{out.settings['seed']}"
-            dest = _free_path(args.out, stem, ".png", taken)
-            _write(out.image, {"input": os.path.abspath(path), "model": pipe.source, **out.settings}, dest)
+            _write_new(args.out, stem, out.image, {"input": os.path.abspath(path), "model": pipe.source,
+                                                   **out.settings})
             n += 1
             bar.update(1)
     return n
@@ -213,7 +207,6 @@ def _run_edits(pipe, loaded, args, common) -> int:
 def _run_grid(pipe, loaded, args, common) -> int:
     ts, ims = args.text_scales, args.image_scales
     cells = [(i_s, t_s) for i_s in ims for t_s in ts]        # row-major: rows image scale
-    taken: set = set()
     n = 0
     jobs = [(path, img, text) for path, img in loaded for text in args.instruction]
     for path, img, text in progress(jobs, desc="grids", unit="grid", enabled=not args.quiet):
@@ -225,11 +218,10 @@ def _run_grid(pipe, loaded, args, common) -> int:
         grid = images.make_grid(rows, [f"{v:g}" for v in ims], [f"{v:g}" for v in ts], title=text,
                                 row_title="image scale", col_title="text scale")
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
-        dest = _free_path(args.out, stem, ".png", taken)
         first = dict(res.settings[0])
         for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
             first.pop(k, None)
-        _write(grid, {"input": os.path.abspath(path), "model": pipe.source, **first,
-                      "grid": {"rows_image_scale": ims, "columns_text_scale": ts}}, dest)
+        _write_new(args.out, stem, grid, {"input": os.path.abspath(path), "model": pipe.source, **first,
+                                          "grid": {"rows_image_scale": ims, "columns_text_scale": ts}})
         n += 1
     return n

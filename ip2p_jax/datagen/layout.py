@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ip2p_jax import files, jsonl
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax import jsonl
 
 PROMPT_KEYS = ("input", "edit", "output")
 SEEDS_FILE = "seeds.json"
@@ -38,13 +38,6 @@ class LayoutError(Ip2pError):
 
 def dir_name(index: int) -> str:
     return f"{index:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_prompts(path, error: type[ValueError] = LayoutError) -> list[dict]:
@@ -139,5 +132,5 @@ def finish(out: Path) -> list:
     out = Path(out)
     remove_empty_partial_root(out)
     entries = collect_seeds(out)
-    atomic_write_text(out / SEEDS_FILE, json.dumps(entries))
+    files.write_text(out / SEEDS_FILE, json.dumps(entries))
     return entries

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ip2p_jax import files
 from ip2p_jax.weights.naming import WeightsError
 
 SAFETENSORS = (".safetensors",)
@@ -126,9 +127,7 @@ def read_json(path: str) -> dict:
 
 
 def write_json(d: Mapping[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(dict(d), f, indent=2, sort_keys=True)
-        f.write("\n")
+    files.write_json(path, dict(d), sort_keys=True)
 
 
 def find_weights(folder: str, stem: str, variant: str | None = None, pickle_stem: str | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ip2p_jax import sharding
+from ip2p_jax import files, sharding
 from ip2p_jax.datagen import layout
 from ip2p_jax.datagen.image_pairs.clip_filter import ClipFilter, pair_scores, select
 from ip2p_jax.datagen.image_pairs.sampler import PairRequestError, PairSampler, injected_steps
@@ -123,7 +123,7 @@ def _check_run_file(out: Path, record: dict) -> None:
     """Write <out>/generation.json, or check that an earlier run used the same settings."""
     path = out / RUN_FILE
     if not path.exists():
-        layout.atomic_write_text(path, json.dumps(record, indent=1))
+        files.write_text(path, json.dumps(record, indent=1))
         return
     have, now = json.loads(path.read_text()).get("settings", {}), record["settings"]
     diffs = [f"{k}: {have.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(have) | set(now))

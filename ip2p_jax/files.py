@@ -1,0 +1,68 @@
+"""Writing files so that nothing is lost or half-written: the one helper every writer uses.
+
+    with atomic_file("out/a.png") as f:            # a fresh temporary file beside the target
+        image.save(f, format="PNG")                # renamed onto the target only when complete
+    write_json("out/a.json", settings, exclusive=True)   # never replaces an existing file
+
+The temporary file is created exclusively (O_EXCL: a name planted in advance, a symlink included,
+is never written through) in the target's folder, fsync'ed and renamed, so a crash or kill
+leaves either the old file or the new one and, at worst, a hidden `.NAME.*.part` file.
+`exclusive=True` claims the target name atomically (a hard link, which fails if the name
+exists), so two runs writing into one folder never take the same name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iterator[Any]:
+    """Yield a new temporary file opened with `mode`; on success it becomes `path`.
+
+    exclusive: raise FileExistsError instead of replacing an existing `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            _claim(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _claim(tmp: str, path: str) -> None:
+    """Give the finished `tmp` the name `path` unless `path` exists (FileExistsError)."""
+    try:
+        os.link(tmp, path)            # atomic and fails on an existing name (file or symlink)
+        return
+    except FileExistsError:
+        raise
+    except OSError:                   # filesystems without hard links: claim with O_EXCL, then rename
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644))
+        os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes, *, exclusive: bool = False) -> None:
+    with atomic_file(path, "wb", exclusive=exclusive) as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str, *, exclusive: bool = False) -> None:
+    with atomic_file(path, "w", exclusive=exclusive) as f:
+        f.write(text)
+
+
+def write_json(path: str, obj: Any, *, exclusive: bool = False, indent: int | None = 2, **dumps_kwargs) -> None:
+    """JSON as the standard defines it: NaN and infinities are refused (ValueError), not written."""
+    write_text(path, json.dumps(obj, indent=indent, allow_nan=False, **dumps_kwargs) + "\n", exclusive=exclusive)
