@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+
+
+class SyntheticDataError(Ip2pError):
+    """A synthetic stream that cannot be split as asked."""
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "white": (240, 240, 240),
            "black": (15, 15, 15)}
 
@@ -42,7 +49,7 @@ class SyntheticPairs:
     def __init__(self, tokenizer, *, resolution: int, global_batch_size: int, seed: int = 0,
                  num_examples: int = 0, process_index: int = 0, process_count: int = 1):
         if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
+            raise SyntheticDataError(f"global batch {global_batch_size} does not split over {process_count} processes")
         from ip2p_jax.tokenizer import tokenize
 
         self.local = global_batch_size // process_count
