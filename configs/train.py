@@ -186,6 +186,7 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.data.source = "latent_cache"
     c.data.resolution = c.data.min_resize = c.data.max_resize = demo_model.RESOLUTION
     c.checkpoint.every_steps = 250
+    c.checkpoint.keep = 2
     c.log.tensorboard = False
     c.log.sample_every_steps = 0
     c.export.at_end = False   # the demo's assemble stage writes the model (with the workdir's VAE)
