@@ -6,8 +6,14 @@ Running the same command again resumes from the workdir's latest checkpoint. Mul
 from __future__ import annotations
 
 import argparse
+import logging
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.configs import split_overrides
+
+
+class TrainCommandError(Ip2pError):
+    """Command-line settings of `ip2p train` that do not go together."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,19 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def init_distributed(args) -> None:
-    import jax
+    import jax  # the training stack loads only for this command (keeps `ip2p edit` start-up light)
 
     if args.coordinator or args.num_processes:
         if not (args.coordinator and args.num_processes and args.process_id is not None):
-            raise ValueError("--coordinator, --num_processes and --process_id go together")
+            raise TrainCommandError("--coordinator, --num_processes and --process_id go together")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
 
 
 def run(args) -> int:
-    from ip2p_jax.train.configs import apply_overrides, load_config
+    from ip2p_jax.train.configs import apply_overrides, load_config  # the training stack: on this command only
     from ip2p_jax.train.loop import train
+
+    if not logging.getLogger().handlers:   # the progress lines are log records (the CLI may have set a handler)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
     init_distributed(args)
