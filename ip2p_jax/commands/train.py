@@ -6,7 +6,6 @@ Running the same command again resumes from the workdir's latest checkpoint. Mul
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.configs import split_overrides
@@ -51,10 +50,9 @@ def init_distributed(args) -> None:
 
 def run(args) -> int:
     from ip2p_jax.train.configs import apply_overrides, load_config  # the training stack: on this command only
-    from ip2p_jax.train.loop import train
+    from ip2p_jax.train.loop import show_progress_logs, train
 
-    if not logging.getLogger().handlers:   # the progress lines are log records (the CLI may have set a handler)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_progress_logs()   # the progress lines are log records (unless the CLI has set up logging)
 
     config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
     init_distributed(args)

@@ -62,7 +62,7 @@ from ip2p_jax.train.configs import load_config
 from ip2p_jax.train.editor import editor_task
 from ip2p_jax.train.export import read_ema
 from ip2p_jax.train.latent_cache import encode_fn, write_cache
-from ip2p_jax.train.loop import train
+from ip2p_jax.train.loop import show_progress_logs, train
 from ip2p_jax.train.scene_crops import random_scene_images
 from ip2p_jax.train.state import OptimizerConfig, learning_rate_schedule
 from ip2p_jax.weights import Components, load_diffusers_folder, save_diffusers_folder
@@ -472,8 +472,7 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     args = p.parse_args(argv)
-    if not logging.getLogger().handlers:   # run as a script: the stages' progress lines on stderr
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_progress_logs()   # run as a script: the stages' progress lines on stderr
     try:
         if args.stage == "vae":
             train_vae(args.workdir, args.steps, args.batch_size, seed=args.seed, progress=False)

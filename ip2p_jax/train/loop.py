@@ -50,6 +50,19 @@ class RunResult:
     state: Any = None              # the final train state on the host (train(..., return_state=True))
 
 
+def show_progress_logs() -> None:
+    """For entry points run without a logging set-up for INFO (the root logger at its WARNING default, nothing
+    set on `ip2p_jax`): the package's INFO records (the progress lines) to stderr, as bare messages."""
+    pkg = logging.getLogger("ip2p_jax")
+    if pkg.handlers or pkg.level != logging.NOTSET or logging.getLogger().level <= logging.INFO:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+
+
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
         log.info(msg)
