@@ -46,7 +46,6 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
-from ip2p_jax.data.builder import encoded_source, open_dataset
 from ip2p_jax.data.latent_cache import read_info
 from ip2p_jax.datagen.shapes_tokenizer import build_tokenizer
 from ip2p_jax.errors import Ip2pError
@@ -68,7 +67,7 @@ from ip2p_jax.train.state import OptimizerConfig, learning_rate_schedule
 from ip2p_jax.weights import Components, load_diffusers_folder, save_diffusers_folder
 from ip2p_jax.weights.io import read_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ip2p_jax.datagen.demo_model")   # also when run as __main__
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 RESOLUTION = 64
@@ -271,6 +270,8 @@ def encode_pairs(workdir: str, data_dir: str, name: str = "shapes", split: str =
     """TFDS edit pairs -> <workdir>/latents, a latent cache (replaced if there): input_moments, edited_moments
     (16, 16, 8) fp32 (concat of posterior mean and logvar) and input_ids (77,) int32 per pair.
     Returns {key: (N, ...) shape}."""
+    from ip2p_jax.data.builder import encoded_source, open_dataset  # optional heavy dependency (TFDS)
+
     base = read_base(workdir)
     cfg = VAEConfig.from_dict(base["vae"], source="demo VAE config")
     params = load_vae_params(workdir)
