@@ -11,10 +11,19 @@ Presets:
           --config.model.tokenizer=DIR or --config.model.frozen_from=DIR).
   shapes  a small UNet from scratch on the synthetic shapes dataset (TFDS, built by the datagen
           scripts) with SD 1.5's frozen VAE and text encoder; minutes on one accelerator.
+  demo    the demo model's editor (ip2p_jax/demo_model): its UNet and CLIP text encoder, from scratch,
+          trained jointly on a latent cache of VAE moments + token ids (the demo's encode stage).
+          `python -m ip2p_jax.datagen.demo_model editor` fills in the workdir's tokenizer, cache and
+          measured VAE scaling factor; by hand:
+            ip2p train --config configs/train.py:demo --workdir RUN/editor \
+              --config.model.tokenizer=RUN/tokenizer --config.data.path=RUN/latents
+The autoencoder trains through the same loop: configs/autoencoder.py.
 """
 from __future__ import annotations
 
 import ml_collections
+
+from ip2p_jax.datagen import demo_model
 
 SD15_SCHEDULER_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 
@@ -40,6 +49,7 @@ def tiny_text_encoder() -> dict:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = "editor"         # the training loop's task: editor (InstructPix2Pix) | autoencoder
     c.seed = 0
 
     c.model = m = ml_collections.ConfigDict()
@@ -50,7 +60,7 @@ def base() -> ml_collections.ConfigDict:
     m.vae = tiny_vae()        # diffusers AutoencoderKL config (scratch, no frozen_from)
     m.text_encoder = tiny_text_encoder()  # transformers CLIPTextConfig (scratch, no frozen_from)
     m.prediction_type = ""    # "" = the scheduler config's (epsilon for SD 1.x); or epsilon / v_prediction
-    m.compute_dtype = "bfloat16"
+    m.compute_dtype = "bfloat16"   # float32 | bfloat16 | float16 (or fp32 / bf16 / fp16; "" = bf16 on GPU/TPU)
     m.attention_impl = "auto"
     m.remat = False           # gradient checkpointing of the UNet blocks
     m.train_text_encoder = False
@@ -95,6 +105,7 @@ def base() -> ml_collections.ConfigDict:
     k.every_steps = 1000
     k.keep = 3
     k.async_save = True
+    k.keep_steps = ()         # steps kept besides the last `keep` (e.g. the constant-rate state at decay_start)
 
     c.log = g = ml_collections.ConfigDict()
     g.every_steps = 50
@@ -104,6 +115,7 @@ def base() -> ml_collections.ConfigDict:
     g.sample_steps = 20
     g.text_guidance = 7.5
     g.image_guidance = 1.5
+    g.progress_bar = False    # a tqdm bar (the log line every every_steps is always written)
 
     c.export = e = ml_collections.ConfigDict()
     e.at_end = True
@@ -157,7 +169,30 @@ def shapes(c: ml_collections.ConfigDict) -> None:
     c.log.sample_every_steps = 1000
 
 
-PRESETS = {"sd15": sd15, "tiny": tiny, "shapes": shapes}
+def demo(c: ml_collections.ConfigDict) -> None:
+    """The demo model's editor: UNet + text encoder from scratch, jointly, on a latent cache."""
+    c.model.unet = dict(demo_model.UNET_CONFIG)
+    c.model.vae = dict(demo_model.VAE_CONFIG)
+    c.model.text_encoder = dict(demo_model.TEXT_CONFIG, vocab_size=706, bos_token_id=704, eos_token_id=705,
+                                pad_token_id=705)   # the shapes tokenizer's (the editor stage reads the workdir's)
+    c.model.compute_dtype = "float32"
+    c.model.train_text_encoder = True
+    c.optim.learning_rate = 8e-4
+    c.optim.warmup_steps = 200
+    c.train.batch_size = 64
+    c.train.num_steps = 20_000
+    c.train.ema_decay = 0.999
+    c.parallel.mode = "jit"
+    c.data.source = "latent_cache"
+    c.data.resolution = c.data.min_resize = c.data.max_resize = demo_model.RESOLUTION
+    c.checkpoint.every_steps = 250
+    c.checkpoint.keep = 2
+    c.log.tensorboard = False
+    c.log.sample_every_steps = 0
+    c.export.at_end = False   # the demo's assemble stage writes the model (with the workdir's VAE)
+
+
+PRESETS = {"sd15": sd15, "tiny": tiny, "shapes": shapes, "demo": demo}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -6,7 +6,8 @@
 #   scripts/train_demo_model.sh                    # everything, into out/demo/ and ip2p_jax/demo_model/
 #   EDITOR_STEPS=40000 DECAY_STEPS=6000 scripts/train_demo_model.sh   # longer
 #
-# Every stage resumes: run the same command again after an interruption. Settings (environment):
+# Every stage resumes: run the same command again after an interruption (the training stages are
+# presets of `ip2p train`'s loop: orbax checkpoints in $RUN/vae, $RUN/vae_decoder, $RUN/editor). Settings (environment):
 #   WORK (out/demo), OUT (ip2p_jax/demo_model), PY (.venv/bin/python), NUM_PROMPTS (40000),
 #   VAE_STEPS (800), DECODER_STEPS (5000: decoder fine-tune, encoder frozen), EDITOR_STEPS (9600),
 #   DECAY_STEPS (1600: the editor's rate, constant after warm-up, falls linearly to 0 over the last
@@ -43,8 +44,8 @@ stage "4/8 tokenizer + KL autoencoder"
 [ -f "$RUN/vae_params.msgpack" ] || $PY -m ip2p_jax.datagen.demo_model vae --workdir "$RUN" --steps "$VAE_STEPS"
 stage "5/8 decoder fine-tune (encoder frozen: sharper small shapes, same latents)"
 $PY -m ip2p_jax.datagen.demo_model decoder --workdir "$RUN" --steps "$DECODER_STEPS"
-stage "6/8 encode pairs"
-[ -f "$RUN/pairs.npz" ] || $PY -m ip2p_jax.datagen.demo_model encode --workdir "$RUN" --data-dir "$DATA/tfds" --name shapes
+stage "6/8 encode pairs (a latent cache: VAE moments + token ids)"
+[ -f "$RUN/latents/cache_info.json" ] || $PY -m ip2p_jax.datagen.demo_model encode --workdir "$RUN" --data-dir "$DATA/tfds" --name shapes
 stage "7/8 UNet + text encoder (InstructPix2Pix, EMA, conditioning dropout)"
 $PY -m ip2p_jax.datagen.demo_model editor --workdir "$RUN" --steps "$EDITOR_STEPS" --batch-size "$BATCH" \
   --decay-start $(( EDITOR_STEPS - DECAY_STEPS )) --decay-steps "$DECAY_STEPS"

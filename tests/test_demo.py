@@ -1,10 +1,12 @@
 """The demo model: the shipped folder, `make demo`'s code path, the tokenizer, and a few training
-steps of the demo pipeline (VAE -> TFDS shapes pairs encoded -> UNet + text encoder -> folder)."""
+steps of the demo pipeline (VAE -> TFDS shapes pairs encoded into a latent cache -> UNet + text encoder ->
+folder), each stage a preset of the one training loop."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 from unittest import mock
 
 import numpy as np
@@ -147,44 +149,81 @@ def encoded_run(tmp_path_factory, shapes_tfds):
     return work, base, shapes
 
 
-@pytest.mark.slow  # ~2 min of compiles on 2 cores; `make test-slow`
-def test_autoencoder_trainer_learns_and_resumes(tmp_path):
-    """ip2p_jax.train.autoencoder on shapes crops: loss falls over a few steps; a rerun resumes;
-    decoder-only fine-tuning leaves the encoder alone."""
+def _interrupted_at(step: int):
+    """The loop's stop request (SIGTERM's path) raised once `step` is done."""
+    from ip2p_jax.train import loop
+
+    return mock.patch.object(loop.StopFlag, "should_stop", lambda self, s: s == step)
+
+
+def _assert_same_state(a, b):
     import jax
 
-    from ip2p_jax.models.vae import VAEConfig
-    from ip2p_jax.train.autoencoder import AutoencoderTrainConfig, restore_state, train_autoencoder
+    for field in ("params", "ema_params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(a, field), getattr(b, field))
+    assert int(a.step) == int(b.step) and int(a.updates) == int(b.updates)
 
-    cfg = VAEConfig.from_dict({**TINY["vae"], "block_out_channels": [8, 8]} | {
-        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2})
-    batch = next(dm.vae_batches(0, 4, crop=16, pool=8))
-    losses = []
-    tcfg = AutoencoderTrainConfig(steps=4, learning_rate=3e-3, warmup_steps=1, checkpoint_every=2, log_every=1)
+
+def _tiny_autoencoder_config(steps: int, **changes):
+    c = dm.preset("autoencoder.py:demo")
+    c.model.vae = {**TINY["vae"], "block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2,
+                   "up_block_types": ["UpDecoderBlock2D"] * 2}
+    c.train.num_steps, c.train.batch_size = steps, 4
+    c.data.crop, c.data.pool = 16, 8
+    c.optim.learning_rate, c.optim.warmup_steps = 3e-3, 1
+    c.checkpoint.every_steps, c.checkpoint.async_save = 100, False
+    c.log.every_steps = 1
+    for k, v in changes.items():
+        section, name = k.split("__")
+        c[section][name] = v
+    return c
+
+
+@pytest.mark.slow  # ~2 min of compiles on 2 cores; `make test-slow`
+def test_autoencoder_preset_learns_resumes_and_fine_tunes_the_decoder(tmp_path):
+    """configs/autoencoder.py through the training loop: loss falls over a few steps; a run interrupted
+    (stop request) and resumed ends in the same state as an uninterrupted one; decoder-only
+    fine-tuning leaves the encoder alone."""
+    import jax
+
     from ip2p_jax.train import autoencoder as ae
-    model = ae.AutoencoderKL(cfg)
-    tx = ae.make_optimizer(tcfg)
-    state = ae.init_state(model, tcfg, tx, batch.shape[1:])
-    step = ae.make_train_step(model, tcfg, tx)
-    for _ in range(4):
-        state, terms = step(state, batch)
-        losses.append(float(terms["loss"]))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    from ip2p_jax.train.loop import train
 
-    work = str(tmp_path / "vae")
-    params = train_autoencoder(cfg, iter([batch] * 10), dataclasses.replace(tcfg, steps=2), work, progress=False)
-    assert int(restore_state(state, work).step) == 2
-    resumed = train_autoencoder(cfg, iter([batch] * 10), dataclasses.replace(tcfg, steps=2), work, progress=False)
-    assert np.array_equal(params["decoder"]["conv_out"]["kernel"], resumed["decoder"]["conv_out"]["kernel"])
+    straight = train(_tiny_autoencoder_config(4), str(tmp_path / "a"), return_state=True)
+    assert straight.step == 4 and os.path.isfile(straight.export_dir)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert {"l1", "psnr", "kl"} <= set(json.loads(open(tmp_path / "a" / "metrics.jsonl").readline()))
+
+    with _interrupted_at(2):
+        first = train(_tiny_autoencoder_config(4), str(tmp_path / "b"))
+    assert first.preempted and first.step == 2 and first.export_dir is None
+    resumed = train(_tiny_autoencoder_config(4), str(tmp_path / "b"), return_state=True)
+    assert resumed.step == 4
+    _assert_same_state(resumed.state, straight.state)
 
     # decoder-only fine-tuning from those params: the encoder side (so every latent) is unchanged
-    dcfg = dataclasses.replace(tcfg, steps=2, decoder_only=True)
-    with pytest.raises(ValueError, match="init_params"):
-        train_autoencoder(cfg, iter([batch] * 10), dcfg, progress=False)
-    tuned = train_autoencoder(cfg, iter([batch] * 10), dcfg, str(tmp_path / "dec"), progress=False, init_params=params)
+    with pytest.raises(ae.AutoencoderConfigError, match="init_params"):
+        train(_tiny_autoencoder_config(2, model__decoder_only=True), str(tmp_path / "c"))
+    params = straight.state.params
+    tuned = train(_tiny_autoencoder_config(2, model__decoder_only=True, model__init_params=straight.export_dir),
+                  str(tmp_path / "d"), return_state=True).state.params
     for side in ae.ENCODER_SIDE:
         jax.tree.map(np.testing.assert_array_equal, tuned[side], params[side])
     assert not np.allclose(tuned["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+
+
+def test_scene_crops_resume_where_they_stopped():
+    from ip2p_jax.train.scene_crops import SceneCrops
+
+    a = SceneCrops(global_batch_size=4, crop=16, pool=8)
+    for _ in range(3):
+        next(a)
+    b = SceneCrops(global_batch_size=4, crop=16, pool=8)
+    b.set_state(a.get_state())
+    np.testing.assert_array_equal(next(a)["image"], next(b)["image"])
+    half = SceneCrops(global_batch_size=4, crop=16, pool=8, process_index=1, process_count=2)
+    assert next(half)["image"].shape == (2, 16, 16, 3)
 
 
 @pytest.mark.slow
@@ -203,9 +242,7 @@ def test_vae_stage_and_encoding_of_shapes_pairs(encoded_run):
 
 @pytest.mark.slow
 def test_decoder_stage_keeps_the_latents(encoded_run, tmp_path):
-    """decoder: the VAE decoder is fine-tuned, the encoder (so pairs.npz) stays valid, PSNRs recorded."""
-    import shutil
-
+    """decoder: the VAE decoder is fine-tuned, the encoder (so the latent cache) stays valid, PSNRs recorded."""
     work = str(tmp_path / "run")
     shutil.copytree(encoded_run[0], work)
     before = dm.load_vae_params(work)
@@ -219,20 +256,21 @@ def test_decoder_stage_keeps_the_latents(encoded_run, tmp_path):
 
 @pytest.mark.slow
 def test_editor_training_resumes_and_assembles_a_model(encoded_run, tmp_path):
-    """Editor (UNet + text encoder) 2 steps, resumed to 3, then a folder EditPipeline edits with."""
+    """Editor (UNet + text encoder) 2 steps, resumed to 5 as a cool-down from step 2 (the constant-rate
+    checkpoint is kept), then a folder EditPipeline edits with."""
     from ip2p_jax.pipeline import EditPipeline
 
-    work = encoded_run[0]
+    work = str(tmp_path / "run")
+    shutil.copytree(encoded_run[0], work)
     cfg = dm.EditorTrainConfig(steps=2, batch_size=4, checkpoint_every=1, log_every=1, warmup_steps=0)
     state = dm.train_editor(work, cfg, progress=False)
     assert int(state.step) == 2 and int(state.updates) == 2
     first = np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]).copy()
-    # resumed for one more step, as the start of a cool-down: the constant-rate state is kept
-    state = dm.train_editor(work, dm.EditorTrainConfig(**{**cfg.__dict__, "steps": 3, "decay_start": 2,
-                                                          "decay_steps": 1}), progress=False)
-    assert int(state.step) == 3
-    assert os.path.isfile(os.path.join(work, dm.EDITOR_STATE_STABLE))
+    state = dm.train_editor(work, dataclasses.replace(cfg, steps=5, decay_start=2, decay_steps=3), progress=False)
+    assert int(state.step) == 5
     assert not np.allclose(first, np.asarray(state.ema_params["unet"]["conv_in"]["kernel"]))
+    steps = sorted(int(n) for n in os.listdir(os.path.join(work, dm.EDITOR_DIR, "checkpoints")) if n.isdigit())
+    assert steps == [2, 4, 5]   # the last 2 and the constant-rate state at decay_start
 
     out = dm.assemble(work, str(tmp_path / "model"))
     pipe = EditPipeline.from_pretrained(out)
@@ -242,13 +280,27 @@ def test_editor_training_resumes_and_assembles_a_model(encoded_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_editor_preset_resumes_to_the_uninterrupted_state(encoded_run, tmp_path):
+    """configs/train.py:demo over the latent cache: stopped after step 1 (SIGTERM's path) and resumed to 3,
+    the state equals a run of 3 steps without a stop."""
+    cfg = dm.EditorTrainConfig(steps=3, batch_size=4, checkpoint_every=100, log_every=1, warmup_steps=1)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shutil.copytree(encoded_run[0], a)
+    shutil.copytree(encoded_run[0], b)
+    straight = dm.train_editor(a, cfg, progress=False)
+    with _interrupted_at(1):
+        assert int(dm.train_editor(b, cfg, progress=False).step) == 1
+    _assert_same_state(dm.train_editor(b, cfg, progress=False), straight)
+
+
+@pytest.mark.slow
 def test_editor_goes_on_from_an_assembled_model(encoded_run, shapes_tfds, tmp_path):
     """unpack + encode + editor --init-from: training continues from the assembled EMA weights."""
     import jax
 
-    work = encoded_run[0]
-    if not os.path.isfile(os.path.join(work, dm.EDITOR_STATE)):
-        dm.train_editor(work, dm.EditorTrainConfig(steps=1, batch_size=4, warmup_steps=0), progress=False)
+    work = str(tmp_path / "run")
+    shutil.copytree(encoded_run[0], work)
+    dm.train_editor(work, dm.EditorTrainConfig(steps=1, batch_size=4, warmup_steps=0), progress=False)
     model = dm.assemble(work, str(tmp_path / "model"), dtype="fp32")
     ema, step = dm.read_editor_ema(work)
     again = str(tmp_path / "again")
@@ -306,7 +358,7 @@ def _without_top_attention(model: str, out: str) -> str:
     return out
 
 
-def test_warm_start_grows_cross_attention_as_identities(tmp_path, capsys):
+def test_warm_start_grows_cross_attention_as_identities(tmp_path, caplog):
     """unpack --recipe-unet + warm start: an older model without 16x16 cross-attention grows it; the
     new blocks start as identities, so the grown UNet computes what the model did."""
     import jax
@@ -322,11 +374,12 @@ def test_warm_start_grows_cross_attention_as_identities(tmp_path, capsys):
     base = dm.read_base(str(tmp_path / "run"))
     assert base["unet"] == full_attention
     _, _, unet, text = dm.editor_models(base)
-    x, t, ctx = jnp.ones((2, 16, 16, 8)), jnp.array([10, 900]), jax.random.normal(jax.random.PRNGKey(1), (2, 77, 64))
-    fresh = {"unet": unet.init(jax.random.PRNGKey(0), x[:1], t[:1], ctx[:1])["params"],
-             "text_encoder": text.init(jax.random.PRNGKey(0), jnp.zeros((1, 77), jnp.int32))["params"]}
-    grown = dm.warm_start_params(old, fresh)
-    assert "3 cross-attention blocks added" in capsys.readouterr().out   # 1 down, 2 up
+    x, t, ctx = jnp.ones((2, 16, 16, 8)), jnp.array([10, 900]), jax.random.normal(jax.random.key(1), (2, 77, 64))
+    fresh = {"unet": unet.init(jax.random.key(0), x[:1], t[:1], ctx[:1])["params"],
+             "text_encoder": text.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"]}
+    with caplog.at_level("INFO"):
+        grown = dm.warm_start_params(old, fresh)
+    assert "3 cross-attention blocks added" in caplog.text   # 1 down, 2 up
     assert jax.tree.map(np.shape, grown) == jax.tree.map(np.shape, fresh)
     new_block = grown["unet"]["down_blocks_0"]["attentions_0"]
     assert not np.any(new_block["proj_out"]["kernel"]) and np.any(new_block["proj_in"]["kernel"])
@@ -339,16 +392,6 @@ def test_warm_start_grows_cross_attention_as_identities(tmp_path, capsys):
     del fresh["unet"]["down_blocks_1"]["attentions_0"]["proj_in"]
     with pytest.raises(ValueError, match="do not match.*down_blocks_1/attentions_0/proj_in"):
         dm.warm_start_params(old, fresh)
-
-
-def test_pair_batches_depend_only_on_seed_and_step():
-    pairs = {"input_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),
-             "edited_moments": np.random.rand(10, 2, 2, 8).astype(np.float16),
-             "input_ids": np.arange(10 * 77, dtype=np.int32).reshape(10, 77)}
-    a, b = dm.pair_batch(pairs, 5, 4, 0), dm.pair_batch(pairs, 5, 4, 0)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["input_ids"], dm.pair_batch(pairs, 6, 4, 0)["input_ids"])
-    assert list(a["example_id"]) == [20, 21, 22, 23]
 
 
 def test_stage_errors_are_messages_not_tracebacks(tmp_path, capsys):

@@ -20,6 +20,7 @@ from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer
 def worker(tmp: str, tok: str, out: str) -> None:
     import jax
 
+    from ip2p_jax.data.latent_cache import LatentCacheError, LatentCacheReader
     from ip2p_jax.train import latent_cache as lc, step as sp
     from ip2p_jax.train.build import build
     from ip2p_jax.train.data import make_train_data, model_inputs
@@ -30,9 +31,9 @@ def worker(tmp: str, tok: str, out: str) -> None:
     info = lc.build_cache(c, cache, max_examples=16)
 
     live = make_train_data(c, built.tokenizer, validation=True, process=(0, 1))   # what build_cache encoded
-    reader = lc.LatentCacheReader(cache, global_batch_size=8, shuffle=False)
+    reader = LatentCacheReader(cache, global_batch_size=8, shuffle=False)
     loss_fn = jax.jit(sp.make_loss_fn(built.models, built.step_config))
-    key = jax.random.PRNGKey(7)
+    key = jax.random.key(7)
     ids = np.arange(8, dtype=np.int32)
     results = {"info": info, "live": [], "cached": []}
     for _ in range(2):
@@ -42,17 +43,17 @@ def worker(tmp: str, tok: str, out: str) -> None:
         results["cached"].append(float(loss_fn(built.params, built.frozen, b, key)))
         ids = ids + 8
 
-    shuffled = lc.LatentCacheReader(cache, global_batch_size=8, seed=3)
+    shuffled = LatentCacheReader(cache, global_batch_size=8, seed=3)
     next(shuffled)
     state = shuffled.get_state()
     want = next(shuffled)["text_embedding"]
-    again = lc.LatentCacheReader(cache, global_batch_size=8, seed=3)
+    again = LatentCacheReader(cache, global_batch_size=8, seed=3)
     again.set_state(state)
     results["resume_equal"] = bool(np.array_equal(next(again)["text_embedding"], want))
     try:
-        lc.LatentCacheReader(cache, global_batch_size=4, seed=3).set_state(state)
+        LatentCacheReader(cache, global_batch_size=4, seed=3).set_state(state)
         results["mismatch_error"] = ""
-    except lc.LatentCacheError as e:
+    except LatentCacheError as e:
         results["mismatch_error"] = str(e)
 
     # the run's data factory serves the cache when config.data.source says so

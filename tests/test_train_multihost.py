@@ -141,6 +141,7 @@ def worker(port: int, index: int, workdir: str, tok: str, mode: str, steps: int,
         return r
 
     loop.make_runner = make_runner
+    loop.show_progress_logs()   # as `ip2p train` does: the loop's lines are log records
     result = loop.train(c, workdir)
     with open(out, "w") as f:
         json.dump({"step": result.step, "metrics": result.metrics, "batches": seen, "batches_seen": len(seen),

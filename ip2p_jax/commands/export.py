@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ip2p_jax.train.export import export_run
+    from ip2p_jax.train.export import export_run   # loads orbax (a root logging handler on import)
 
     out = export_run(args.workdir, args.out, step=args.step)
     print(f"wrote {out}")

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from ip2p_jax.train.configs import split_overrides
+import jax
+
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.train.configs import apply_overrides, load_config, split_overrides
+
+
+class TrainCommandError(Ip2pError):
+    """Command-line settings of `ip2p train` that do not go together."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,19 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def init_distributed(args) -> None:
-    import jax
-
     if args.coordinator or args.num_processes:
         if not (args.coordinator and args.num_processes and args.process_id is not None):
-            raise ValueError("--coordinator, --num_processes and --process_id go together")
+            raise TrainCommandError("--coordinator, --num_processes and --process_id go together")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
 
 
 def run(args) -> int:
-    from ip2p_jax.train.configs import apply_overrides, load_config
-    from ip2p_jax.train.loop import train
+    # the training loop loads orbax, which installs a root logging handler on import: this command only
+    from ip2p_jax.train.loop import show_progress_logs, train
+
+    show_progress_logs()   # the progress lines are log records (unless the CLI has set up logging)
 
     config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
     init_distributed(args)

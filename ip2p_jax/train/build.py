@@ -16,19 +16,20 @@ import zlib
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ip2p_jax import dtypes
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.models import clip as clip_lib, unet as unet_lib, vae as vae_lib
 from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.tokenizer import load_tokenizer, tokenize
 from ip2p_jax.train.step import Models, StepConfig
+from ip2p_jax.weights import Components, expand_conv_in, load
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_SCHEDULER = {  # what we write into exported folders when the run had no scheduler config
     "_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
@@ -36,7 +37,7 @@ DEFAULT_SCHEDULER = {  # what we write into exported folders when the run had no
 }
 
 
-class BuildError(Ip2pError):
+class ModelBuildError(Ip2pError):
     """The run's model settings are inconsistent or incomplete."""
 
 
@@ -55,9 +56,11 @@ class Built:
 
 
 def compute_dtype(name: str):
-    if name not in DTYPES:
-        raise BuildError(f"model.compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    """config.model.compute_dtype ('float32' / 'fp32', 'bfloat16' / 'bf16', ...; '' = bf16 on GPU/TPU, fp32 on CPU)."""
+    try:
+        return dtypes.compute_dtype(name or None)
+    except dtypes.DtypeError as e:
+        raise ModelBuildError(f"model.compute_dtype: {e}") from None
 
 
 def _plain(d) -> dict:
@@ -89,8 +92,6 @@ def random_params(abstract: Any, seed: int) -> dict:
 
 
 def load_components(path: str):
-    from ip2p_jax.weights import load  # diffusers/transformers-backed readers: imported only when used
-
     return load(path, dtype=np.float32, progress=True)
 
 
@@ -108,17 +109,16 @@ def build(config, *, load_weights: bool = True) -> Built:
     if init:
         unet_config, unet_params = src.unet_config, src.unet_params
         if unet_config.in_channels == 4:
-            from ip2p_jax.weights import expand_conv_in
             unet_params, unet_config = expand_conv_in(unet_params, unet_config, 8)
             notes.append(f"unet: {init} has 4 input channels; conv_in widened to 8 (extra kernels zero, bias kept)")
         elif unet_config.in_channels == 8:
             notes.append(f"unet: continuing from the InstructPix2Pix UNet in {init}")
         else:
-            raise BuildError(f"{init}: UNet has {unet_config.in_channels} input channels (need 4 or 8)")
+            raise ModelBuildError(f"{init}: UNet has {unet_config.in_channels} input channels (need 4 or 8)")
     else:
         unet_config = UNetConfig.from_dict(_plain(m.unet), source="config.model.unet")
         if unet_config.in_channels != 8:
-            raise BuildError(f"config.model.unet.in_channels must be 8, got {unet_config.in_channels}")
+            raise ModelBuildError(f"config.model.unet.in_channels must be 8, got {unet_config.in_channels}")
         unet_params = None
         notes.append("unet: random init from config.model.unet")
 
@@ -131,9 +131,8 @@ def build(config, *, load_weights: bool = True) -> Built:
         text_config = CLIPTextConfig.from_dict(_plain(m.text_encoder), source="config.model.text_encoder")
         vae_params = text_params = None
         if not m.tokenizer:
-            raise BuildError("training from scratch without model.frozen_from needs model.tokenizer "
+            raise ModelBuildError("training from scratch without model.frozen_from needs model.tokenizer "
                              "(a tokenizer folder, or a model folder with tokenizer/)")
-        from ip2p_jax.tokenizer import load_tokenizer
         tokenizer, scheduler_config = load_tokenizer(m.tokenizer), dict(DEFAULT_SCHEDULER)
         # a bare vocab.json + merges.txt folder leaves model_max_length "unlimited"; readers such as
         # diffusers pad to it, so pin it to the text encoder's context length.
@@ -142,10 +141,10 @@ def build(config, *, load_weights: bool = True) -> Built:
         notes.append("vae, text_encoder: random init (config.model.vae / text_encoder)")
 
     if unet_config.cross_attention_dim != text_config.hidden_size:
-        raise BuildError(f"UNet cross_attention_dim={unet_config.cross_attention_dim} != text encoder "
+        raise ModelBuildError(f"UNet cross_attention_dim={unet_config.cross_attention_dim} != text encoder "
                          f"hidden_size={text_config.hidden_size}")
     if unet_config.out_channels != vae_config.latent_channels:
-        raise BuildError(f"UNet out_channels={unet_config.out_channels} != VAE latent_channels="
+        raise ModelBuildError(f"UNet out_channels={unet_config.out_channels} != VAE latent_channels="
                          f"{vae_config.latent_channels}")
 
     prediction_type = m.prediction_type or scheduler_config.get("prediction_type") or "epsilon"
@@ -165,7 +164,6 @@ def build(config, *, load_weights: bool = True) -> Built:
         if text_params is None:
             text_params = random_params(clip_lib.abstract_params(text_config), config.seed + 2)
 
-    from ip2p_jax.tokenizer import tokenize
     null_ids = tokenize(tokenizer, [""])
     params = {"unet": unet_params}
     frozen = {"vae": vae_params, "alphas_cumprod": schedule.alphas_cumprod()}
@@ -189,8 +187,6 @@ def build(config, *, load_weights: bool = True) -> Built:
 
 def export_components(built: Built, ema_params: dict, frozen_text_params: Optional[dict] = None):
     """A weights.Components of the run: the EMA UNet (and EMA text encoder when trained) + frozen parts."""
-    from ip2p_jax.weights import Components
-
     text = ema_params.get("text_encoder", frozen_text_params if frozen_text_params is not None
                           else built.frozen.get("text_encoder"))
     to_np = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)  # noqa: E731

@@ -13,6 +13,13 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+from ip2p_jax.errors import Ip2pError
+
+
+class CheckpointError(Ip2pError):
+    """A checkpoint that does not fit this run."""
 
 
 class ProcessStateHandler(ocp.CheckpointHandler):
@@ -30,7 +37,7 @@ class ProcessStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: Optional["ProcessStateRestore"] = None):
         path = self._path(directory)
         if not path.exists():
-            raise ValueError(f"{path}: no data-iterator state for this process (was the checkpoint written "
+            raise CheckpointError(f"{path}: no data-iterator state for this process (was the checkpoint written "
                              f"by a different number of processes?)")
         doc = json.loads(path.read_text())
         return doc["bytes"].encode("latin-1") if "bytes" in doc else doc["json"]
@@ -58,14 +65,20 @@ class ProcessStateRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    """Save every `every_steps` (and when forced), keep the last `keep`, restore the latest."""
+    """Save every `every_steps` (and when forced), keep the last `keep` and every step of `keep_steps`,
+    restore the latest."""
 
     def __init__(self, directory: str, every_steps: int = 1, keep: Optional[int] = None, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, keep_steps: tuple = ()):
         """read_only: for readers beside a live run (export): creates, deletes and cleans nothing."""
+        policy = None
+        if keep_steps:
+            policy = checkpoint_managers.AnyPreservationPolicy([checkpoint_managers.LatestN(keep),
+                                                                checkpoint_managers.CustomSteps(list(keep_steps))])
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every_steps), max_to_keep=keep, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
+            save_interval_steps=max(1, every_steps), max_to_keep=None if policy else keep, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save,
+            preservation_policy=policy)
         self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 

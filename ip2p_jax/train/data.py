@@ -8,9 +8,19 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from ip2p_jax.data.augment import AugmentConfig
+from ip2p_jax.data.latent_cache import LatentCacheReader
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.train.synthetic import SyntheticPairs
+
 SOURCES = ("synthetic", "tfds", "latent_cache")
 BATCH_KEYS = ("input_image", "edited_image", "input_ids",                    # live
-              "input_moments", "edited_moments", "text_embedding")           # latent cache
+              "input_moments", "edited_moments", "text_embedding",           # latent cache
+              "image")                                                       # autoencoder
+
+
+class DataConfigError(Ip2pError):
+    """config.data names no usable source."""
 
 
 def make_train_data(config, tokenizer, *, split: str | None = None, validation: bool = False,
@@ -25,19 +35,17 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
     pi, pc = process if process is not None else (jax.process_index(), jax.process_count())
     batch = config.train.batch_size
     if d.source == "synthetic":
-        from ip2p_jax.train.synthetic import SyntheticPairs
-
         return SyntheticPairs(tokenizer, resolution=d.resolution, global_batch_size=batch,
                               seed=config.seed + (1 if validation else 0), num_examples=d.num_examples,
                               process_index=pi, process_count=pc)
     if d.source == "tfds":
-        from ip2p_jax.data.augment import AugmentConfig
+        # optional heavy dependency (tensorflow_datasets, grain)
         from ip2p_jax.data.builder import open_dataset
         from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
 
         if not d.path:
-            raise ValueError("config.data.path is empty: give the TFDS data_dir (with config.data.name) "
-                             "or a dataset version folder")
+            raise DataConfigError("config.data.path is empty: give the TFDS data_dir (with config.data.name) "
+                                  "or a dataset version folder")
         augment = AugmentConfig(min_resize=d.min_resize, max_resize=d.max_resize, crop_size=d.resolution,
                                 flip_prob=0.5 if d.flip else 0.0, random=not validation)
         cfg = PipelineConfig(split=split, global_batch_size=batch, seed=config.seed, augment=augment,
@@ -45,11 +53,9 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
         return EditPairPipeline(open_dataset(d.path, d.name or None), tokenizer, cfg,
                                 process_index=pi, process_count=pc)
     if d.source == "latent_cache":
-        from ip2p_jax.train.latent_cache import LatentCacheReader
-
         return LatentCacheReader(d.path, global_batch_size=batch, seed=config.seed, shuffle=not validation,
                                  process_index=pi, process_count=pc)
-    raise ValueError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
+    raise DataConfigError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
 
 
 def model_inputs(batch: dict) -> dict:

@@ -1,6 +1,7 @@
-"""The training loop: resume or start, step, log, sample, checkpoint, stop cleanly, export.
+"""The one training loop: resume or start, step, log, sample, checkpoint, stop cleanly, export.
 
-    result = train(config, workdir)
+    result = train(config, workdir)          # config.task: "editor" (default) or "autoencoder"
+    result = train(config, workdir, task)    # a Task built by the caller (the demo model's stages)
 
 Starting the same command again resumes from the latest complete checkpoint in
 `<workdir>/checkpoints` (train state + every host's data-iterator position), so an
@@ -19,15 +20,21 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.train.build import Built, build, export_components
+from ip2p_jax.progress import progress
+from ip2p_jax.train.autoencoder import autoencoder_task
 from ip2p_jax.train.checkpoint import Checkpointer
 from ip2p_jax.train.data import make_train_data, model_inputs
+from ip2p_jax.train.editor import editor_task
 from ip2p_jax.train.parallel import fetch, make_runner
 from ip2p_jax.train.state import OptimizerConfig, abstract_train_state, learning_rate_schedule, make_optimizer
+from ip2p_jax.train.task import Task
 
 log = logging.getLogger("ip2p_jax.train")
+TASKS = {"editor": editor_task, "autoencoder": autoencoder_task}
+STANDARD_METRICS = ("loss", "grad_norm", "param_norm", "learning_rate", "finite", "nonfinite_run", "nonfinite_total")
 
 
 class TrainingStopped(Ip2pError):
@@ -38,14 +45,27 @@ class TrainingStopped(Ip2pError):
 class RunResult:
     step: int                      # steps done (the train state's step)
     preempted: bool                # stopped by SIGTERM / preemption, checkpoint written
-    export_dir: Optional[str]      # the diffusers folder written at the end, if any
+    export_dir: Optional[str]      # what the task's export wrote at the end, if anything
     metrics: dict                  # the last step's scalars
+    state: Any = None              # the final train state on the host (train(..., return_state=True))
+
+
+def show_progress_logs() -> None:
+    """For entry points run without a logging set-up for INFO (the root logger at its WARNING default, nothing
+    set on `ip2p_jax`): the package's INFO records (the progress lines) to stderr, as bare messages."""
+    pkg = logging.getLogger("ip2p_jax")
+    if pkg.handlers or pkg.level != logging.NOTSET or logging.getLogger().level <= logging.INFO:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
 
 
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
-        print(msg, flush=True)
-    log.info(msg)
+        log.info(msg)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -88,7 +108,6 @@ class StopFlag:
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
             except RuntimeError:
@@ -101,8 +120,9 @@ class MetricLog:
     averages to TensorBoard and a progress line every `every` steps; the non-finite guard."""
 
     def __init__(self, writer, every: int, total_steps: int, batch_size: int, max_nonfinite: int, start: int,
-                 jsonl_path: Optional[str] = None):
+                 jsonl_path: Optional[str] = None, bar=None):
         self.writer, self.every, self.total, self.batch = writer, max(1, every), total_steps, batch_size
+        self.bar = bar
         self.jsonl_path = jsonl_path
         self.max_nonfinite, self.start = max_nonfinite, start
         self.window: list[dict] = []
@@ -122,9 +142,6 @@ class MetricLog:
             log.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, "
                         "%d in all)", step, scalars["loss"], scalars["grad_norm"], scalars["nonfinite_run"],
                         scalars["nonfinite_total"])
-            if jax.process_index() == 0:
-                print(f"step {step}: non-finite loss/gradient, update skipped "
-                      f"({scalars['nonfinite_run']} in a row)", flush=True)
         if self.max_nonfinite and scalars["nonfinite_run"] >= self.max_nonfinite:
             raise TrainingStopped(f"{scalars['nonfinite_run']} steps in a row (up to step {step}) had a non-finite "
                                   f"loss or gradient; stopping. Params, optimizer and EMA keep their last finite "
@@ -142,10 +159,12 @@ class MetricLog:
         per_step = done_time / (step - self.step_first) if step > self.step_first else float("nan")
         eta = per_step * (self.total - step) if np.isfinite(per_step) else float("nan")
         finite = [w for w in self.window if w["finite"]] or self.window
-        avg = {k: float(np.mean([w[k] for w in finite])) for k in ("loss", "grad_norm")}
+        extra = [k for k in self.last if k not in STANDARD_METRICS]   # the task's own (autoencoder: l1, psnr, ...)
+        avg = {k: float(np.mean([w[k] for w in finite])) for k in ("loss", "grad_norm", *extra)}
         scalars = {"train/loss": avg["loss"], "train/grad_norm": avg["grad_norm"],
                    "train/param_norm": self.last["param_norm"], "train/learning_rate": self.last["learning_rate"],
-                   "train/examples_per_s": rate, "train/nonfinite_total": self.last["nonfinite_total"]}
+                   "train/examples_per_s": rate, "train/nonfinite_total": self.last["nonfinite_total"],
+                   **{f"train/{k}": avg[k] for k in extra}}
         if self.writer is not None:
             for k, v in scalars.items():
                 if np.isfinite(v):
@@ -156,8 +175,13 @@ class MetricLog:
                 f.write(json.dumps({"step": step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n")
         eta_s = _fmt_time(eta) if np.isfinite(eta) else "?"
         rate_s = f"{rate:.1f}" if np.isfinite(rate) else "?"
-        _say(f"step {step}/{self.total}  loss {avg['loss']:.4f}  grad {avg['grad_norm']:.3f}  "
-             f"lr {self.last['learning_rate']:.2e}  {rate_s} ex/s  ETA {eta_s}")
+        extra_s = "".join(f"  {k} {avg[k]:.4g}" for k in extra)
+        line = (f"step {step}/{self.total}  loss {avg['loss']:.4f}  grad {avg['grad_norm']:.3f}{extra_s}  "
+                f"lr {self.last['learning_rate']:.2e}  {rate_s} ex/s  ETA {eta_s}")
+        if self.bar is not None and jax.process_index() == 0:
+            self.bar.write(line)
+        else:
+            _say(line)
         self.window, self.t_last, self.last_logged = [], now, step
 
 
@@ -171,100 +195,52 @@ def _write_config(config, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def export(built: Built, ema_params: Any, out_dir: str, text_params: Any = None) -> str:
-    """Write the EMA weights (+ frozen parts) as a complete diffusers folder (process 0)."""
-    if jax.process_index() == 0:
-        from ip2p_jax.weights import save_diffusers_folder
-
-        save_diffusers_folder(export_components(built, ema_params, text_params), out_dir, overwrite=True)
-        _say(f"exported the EMA weights to {out_dir}")
-    return out_dir
+def task_for(config) -> Task:
+    name = config.get("task", "editor")
+    if name not in TASKS:
+        raise TrainingStopped(f"config.task must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](config)
 
 
-class Sampler:
-    """Sample edits of a fixed validation set with the EMA weights, to TensorBoard (EditPipeline)."""
-
-    def __init__(self, config, built: Built, writer):
-        self.config, self.built, self.writer = config, built, writer
-        self.pipe = None
-        n = config.log.num_samples
-        val = _validation_batch(config, built.tokenizer, n)
-        self.images = [np.clip((x + 1) * 127.5, 0, 255).round().astype(np.uint8) for x in val["input_image"]]
-        self.targets = [np.clip((x + 1) * 127.5, 0, 255).round().astype(np.uint8) for x in val["edited_image"]]
-        self.instructions = [built.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in val["input_ids"]]
-
-    def __call__(self, step: int, ema_params: dict) -> None:
-        from ip2p_jax.pipeline import EditPipeline
-        from ip2p_jax import sharding
-
-        ema = fetch(ema_params)
-        if self.pipe is None:
-            self.pipe = EditPipeline(export_components(self.built, ema), dtype=self.built.step_config.compute_dtype)
-        else:
-            cast = lambda t: jax.tree.map(lambda a: np.asarray(a).astype(self.pipe.dtype), t)  # noqa: E731
-            self.pipe.params = dict(self.pipe.params, unet=sharding.replicate(cast(ema["unet"]), self.pipe.mesh))
-            if "text_encoder" in ema:
-                self.pipe.params["text"] = sharding.replicate(cast(ema["text_encoder"]), self.pipe.mesh)
-        g = self.config.log
-        result = self.pipe.edit(self.images, self.instructions, steps=g.sample_steps, text_scale=g.text_guidance,
-                                image_scale=g.image_guidance, seed=0, resize="keep", progress=False)
-        if self.writer is not None:
-            for i, (a, b, out) in enumerate(zip(self.images, self.targets, result.images)):
-                out = np.asarray(out.resize((a.shape[1], a.shape[0])))
-                self.writer.add_image(f"samples/{i}", np.concatenate([a, b, out], axis=1), step, dataformats="HWC")
-                self.writer.add_text(f"samples/{i}/instruction", self.instructions[i], step)
-            self.writer.flush()
-
-
-def _validation_batch(config, tokenizer, n: int) -> dict:
-    """The first n examples of the validation stream (the same on every host)."""
-    config = config.copy_and_resolve_references()
-    config.train.batch_size = n
-    data = make_train_data(config, tokenizer, split=config.data.validation_split, validation=True,
-                           process=(0, 1))
-    try:
-        batch = next(data)
-    finally:
-        getattr(data, "close", lambda: None)()
-    return {k: np.asarray(v)[:n] for k, v in batch.items()}
-
-
-def train(config, workdir: str) -> RunResult:
+def train(config, workdir: str, task: Optional[Task] = None, *, return_state: bool = False) -> RunResult:
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
-    built = build(config)
-    for note in built.notes:
+    task = task or task_for(config)
+    for note in task.notes:
         _say(note)
     opt_cfg = OptimizerConfig.from_mapping(config.optim)
     tx, lr_schedule = make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
     p = config.parallel
-    runner = make_runner(p.mode, built.models, built.step_config, tx, lr_schedule, mesh_data=p.mesh_data,
-                         fsdp=p.fsdp, fsdp_min_size=p.fsdp_min_size)
+    runner = make_runner(p.mode, task.models, task.step_config, tx, lr_schedule, mesh_data=p.mesh_data,
+                         fsdp=p.fsdp, fsdp_min_size=p.fsdp_min_size, loss_fn=task.loss_fn)
     check_batch(config, runner.num_devices)
 
     k = config.checkpoint
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), k.every_steps, k.keep, k.async_save)
-    data = make_train_data(config, built.tokenizer)
+    keep_steps = tuple(k.get("keep_steps", ()))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), k.every_steps, k.keep, k.async_save,
+                        keep_steps=keep_steps)
+    data = task.make_data() if task.make_data else make_train_data(config, task.tokenizer)
     start = ckpt.latest_step()
     if start is not None:
-        abstract = abstract_train_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32),
-                                                     built.params), tx)
-        restored, data_state = ckpt.restore(start, runner.restore_target(abstract))
+        restored, data_state = ckpt.restore(start, runner.restore_target(abstract_train_state(task.abstract_params,
+                                                                                              tx)))
         state = runner.from_global(restored)
         data.set_state(data_state)
         _say(f"resumed from {ckpt.directory}/{start}")
     else:
-        state, start = runner.init_state(built.params, config.seed), 0
-    frozen = runner.put_frozen(built.frozen)
+        state, start = runner.init_state(task.init_params(), config.seed), 0
+    frozen = runner.put_frozen(task.frozen)
 
     writer = None
     if jax.process_index() == 0 and config.log.tensorboard:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional heavy dependency
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     t = config.train
+    bar = progress(total=t.num_steps, initial=start, desc="train", unit="step",
+                   enabled=bool(config.log.get("progress_bar", False)) and jax.process_index() == 0)
     metrics_log = MetricLog(writer, config.log.every_steps, t.num_steps, t.batch_size, t.max_nonfinite_steps, start,
-                            os.path.join(workdir, "metrics.jsonl"))
+                            os.path.join(workdir, "metrics.jsonl"), bar=bar)
     sampler = None
     sample_every = config.log.sample_every_steps
     step, pending, preempted = start, None, False
@@ -276,19 +252,21 @@ def train(config, workdir: str) -> RunResult:
                 batch = runner.put_batch(model_inputs(next(data)))
                 state, metrics = runner.step(state, frozen, batch)
                 step += 1
+                bar.update(1)
                 data_state = data.get_state()
                 if pending is not None:
                     metrics_log.add(pending[0], runner.scalars(pending[1]))
                 pending = (step, metrics)
                 preempted = stop.should_stop(step)
-                if preempted or step == t.num_steps or step % max(1, k.every_steps) == 0:
+                if preempted or step == t.num_steps or step % max(1, k.every_steps) == 0 or step in keep_steps:
                     ckpt.save(step, runner.to_global(state), data_state, force=True)
                 if sample_every and step % sample_every == 0:
-                    if config.data.source == "latent_cache":
-                        _say("log.sample_every_steps: sample edits need images; a latent_cache run has none")
+                    if task.make_sampler is None:
+                        _say("log.sample_every_steps: this run has no sample edits (a latent_cache run has no "
+                             "images; the autoencoder samples none)")
                         sample_every = 0
                     else:
-                        sampler = sampler or Sampler(config, built, writer)
+                        sampler = sampler or task.make_sampler(writer)
                         sampler(step, runner.to_global(state).ema_params)
                 if preempted:
                     _say(f"stop requested: checkpoint written at step {step}")
@@ -296,13 +274,14 @@ def train(config, workdir: str) -> RunResult:
             if pending is not None:
                 metrics_log.add(pending[0], runner.scalars(pending[1]))
     finally:
+        bar.close()
         ckpt.close()
         if writer is not None:
             writer.close()
         getattr(data, "close", lambda: None)()
 
     export_dir = None
-    if not preempted and step >= t.num_steps and config.export.at_end:
-        final = runner.to_global(state)
-        export_dir = export(built, fetch(final.ema_params), config.export.dir or os.path.join(workdir, "export"))
-    return RunResult(step=step, preempted=preempted, export_dir=export_dir, metrics=metrics_log.last)
+    if not preempted and step >= t.num_steps and config.export.at_end and task.export:
+        export_dir = task.export(runner.to_global(state), config.export.dir or os.path.join(workdir, "export"))
+    return RunResult(step=step, preempted=preempted, export_dir=export_dir, metrics=metrics_log.last,
+                     state=fetch(runner.to_global(state)) if return_state else None)

@@ -7,7 +7,8 @@ MeshRunner   jax.jit with in/out shardings on a ('data', 'fsdp') mesh over all d
              VAE/text encoder) are sharded over 'fsdp' along their largest divisible axis and
              replicated over 'data'. fsdp=1 is data parallel under GSPMD.
 
-Both take host-local numpy batches (each host its own slice of the global batch), add the
+Both run `step.make_train_step` (the InstructPix2Pix loss) or, given `loss_fn`, the same update
+step over another loss (the autoencoder). Both take host-local numpy batches (each host its own slice of the global batch), add the
 global `example_id`s the step keys its randomness on, and convert the state to / from global
 arrays for orbax (`to_global`, `restore_target`, `from_global`).
 """
@@ -22,10 +23,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.state import TrainState, abstract_train_state, create_train_state, ravel_size
-from ip2p_jax.train.step import make_train_step
+from ip2p_jax.train.step import make_train_step, make_update_step
 
 MODES = ("pmap", "jit")
+
+
+class ParallelConfigError(Ip2pError):
+    """config.parallel does not fit the devices."""
+
+
+def build_step(models, step_cfg, tx, lr_schedule, loss_fn=None, **kwargs) -> Callable:
+    """The one train step: the InstructPix2Pix loss of `models`, or `loss_fn` when given."""
+    if loss_fn is None:
+        return make_train_step(models, step_cfg, tx, lr_schedule, **kwargs)
+    return make_update_step(loss_fn, step_cfg, tx, lr_schedule, **kwargs)
 
 
 def add_example_ids(local_batch: dict, local_size: int) -> dict:
@@ -59,13 +72,13 @@ class PmapRunner:
 
     mode = "pmap"
 
-    def __init__(self, models, step_cfg, tx, lr_schedule):
+    def __init__(self, models, step_cfg, tx, lr_schedule, loss_fn=None):
         self.devices = jax.local_devices()
         self.n = len(self.devices)
         self.local_mesh = Mesh(np.asarray(self.devices), ("batch",))
         self.stacked = NamedSharding(self.local_mesh, P("batch"))
         self.tx = tx
-        step = make_train_step(models, step_cfg, tx, lr_schedule, axis_name="batch")
+        step = build_step(models, step_cfg, tx, lr_schedule, loss_fn, axis_name="batch")
         self._step = jax.pmap(step, axis_name="batch", donate_argnums=(0,))
         self._unstack = None
 
@@ -149,10 +162,10 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     n = jax.device_count()
     if data == -1:
         if n % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
+            raise ParallelConfigError(f"fsdp={fsdp} does not divide the {n} devices")
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+        raise ParallelConfigError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
     return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -161,14 +174,14 @@ class MeshRunner:
 
     mode = "jit"
 
-    def __init__(self, models, step_cfg, tx, lr_schedule, mesh: Mesh, fsdp_min_size: int = 2 ** 14):
+    def __init__(self, models, step_cfg, tx, lr_schedule, mesh: Mesh, fsdp_min_size: int = 2 ** 14, loss_fn=None):
         self.mesh = mesh
         self.fsdp = mesh.shape["fsdp"]
         self.min_size = fsdp_min_size
         self.tx = tx
         self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
         self.replicated = NamedSharding(mesh, P())
-        self._models, self._step_cfg, self._lr = models, step_cfg, lr_schedule
+        self._models, self._step_cfg, self._lr, self._loss_fn = models, step_cfg, lr_schedule, loss_fn
         self._compiled = None
         self._state_sh = None
 
@@ -199,7 +212,7 @@ class MeshRunner:
 
     def _compile(self):
         flat = NamedSharding(self.mesh, fsdp_spec((self._flat_size,), self.fsdp, self.min_size))
-        step = make_train_step(self._models, self._step_cfg, self.tx, self._lr, flat_sharding=flat)
+        step = build_step(self._models, self._step_cfg, self.tx, self._lr, self._loss_fn, flat_sharding=flat)
         return jax.jit(step, in_shardings=(self._state_sh, self._frozen_sh, self.batch_sharding),
                        out_shardings=(self._state_sh, self.replicated), donate_argnums=(0,))
 
@@ -224,11 +237,11 @@ class MeshRunner:
 
 
 def make_runner(mode: str, models, step_cfg, tx, lr_schedule, *, mesh_data: int = -1, fsdp: int = 1,
-                fsdp_min_size: int = 2 ** 14):
+                fsdp_min_size: int = 2 ** 14, loss_fn=None):
     if mode == "pmap":
         if fsdp != 1:
-            raise ValueError("fsdp > 1 needs parallel.mode='jit' (pmap replicates the state)")
-        return PmapRunner(models, step_cfg, tx, lr_schedule)
+            raise ParallelConfigError("fsdp > 1 needs parallel.mode='jit' (pmap replicates the state)")
+        return PmapRunner(models, step_cfg, tx, lr_schedule, loss_fn)
     if mode == "jit":
-        return MeshRunner(models, step_cfg, tx, lr_schedule, make_mesh(mesh_data, fsdp), fsdp_min_size)
-    raise ValueError(f"parallel.mode must be one of {MODES}, got {mode!r}")
+        return MeshRunner(models, step_cfg, tx, lr_schedule, make_mesh(mesh_data, fsdp), fsdp_min_size, loss_fn)
+    raise ParallelConfigError(f"parallel.mode must be one of {MODES}, got {mode!r}")

@@ -1,6 +1,6 @@
 """Train state (trainable params fp32, AdamW state, EMA, counters, RNG), the optimizer and the EMA rule.
 
-Imports only jax/flax/optax so scripts/benchmark_train.py can use it on machines without
+Imports only jax/flax/optax (and the project's error base) so scripts/benchmark_train.py can use it on machines without
 ml_collections, grain or diffusers.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ip2p_jax.errors import Ip2pError
+
 
 FLAT_MULTIPLE = 4096  # the flat optimizer vector is padded to this, so it divides over any fsdp size <= 4096
 
@@ -25,9 +27,13 @@ class TrainState:
     params: Any                 # trainable params, fp32: {'unet': ...} (+ 'text_encoder' when trained)
     opt_state: Any              # AdamW state of ravel(params): flat fp32 vectors (see `ravel`)
     ema_params: Any             # EMA of `params`, fp32
-    rng: jax.Array              # uint32[2] root key; step and example keys are folded in from it
+    rng: jax.Array              # uint32[2] root key data (jax.random.wrap_key_data: the typed key)
     nonfinite_run: jax.Array    # int32: consecutive steps skipped for a non-finite loss/gradient
     nonfinite_total: jax.Array  # int32: all skipped steps
+
+
+class OptimizerConfigError(Ip2pError):
+    """Optimizer / learning-rate settings that do not fit together."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,7 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Ar
     decided late: a run resumed from a constant-rate checkpoint with decay_start at or after
     its step continues exactly as before until decay_start."""
     if cfg.decay_steps < 0 or (cfg.decay_steps > 0 and cfg.decay_start < cfg.warmup_steps):
-        raise ValueError(f"decay_steps must be >= 0 and decay_start >= warmup_steps, got decay_start="
+        raise OptimizerConfigError(f"decay_steps must be >= 0 and decay_start >= warmup_steps, got decay_start="
                          f"{cfg.decay_start}, decay_steps={cfg.decay_steps}, warmup_steps={cfg.warmup_steps}")
     if cfg.warmup_steps > 0:
         sched = optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
@@ -119,7 +125,7 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int)
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer per counter: donation needs distinct buffers)
     return TrainState(
         step=zero(), updates=zero(), params=params, opt_state=tx.init(ravel(params)),
-        ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed),
+        ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite_run=zero(), nonfinite_total=zero())
 
 

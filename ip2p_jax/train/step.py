@@ -27,10 +27,15 @@ import optax
 from jax import lax
 
 from ip2p_jax.diffusion.schedules import add_noise
+from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.dropout import conditioning_dropout
 from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class StepConfigError(Ip2pError):
+    """Train-step settings out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +49,11 @@ class StepConfig:
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise StepConfigError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+            raise StepConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if not 0 <= 3 * self.cond_dropout_prob <= 1:
-            raise ValueError(f"cond_dropout_prob must be in [0, 1/3], got {self.cond_dropout_prob}")
+            raise StepConfigError(f"cond_dropout_prob must be in [0, 1/3], got {self.cond_dropout_prob}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +66,7 @@ class Models:
 
 
 def example_keys(step_key: jax.Array, example_ids: jax.Array) -> jax.Array:
-    """(B, 4, 2) keys per example: posterior sample, noise, timestep, dropout uniform."""
+    """(B, 4) keys per example: posterior sample, noise, timestep, dropout uniform."""
     return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i), 4))(example_ids)
 
 
@@ -134,37 +139,51 @@ def micro_batches(batch: dict, k: int) -> dict:
 def make_train_step(models: Models, cfg: StepConfig, tx: optax.GradientTransformation,
                     lr_schedule: Callable, axis_name: Optional[str] = None,
                     flat_sharding: Any = None) -> Callable:
-    """train_step(state, frozen, batch) -> (state, metrics).
+    """The InstructPix2Pix train_step(state, frozen, batch) -> (state, metrics): `make_update_step` of
+    `make_loss_fn`. frozen: {'vae', 'text_encoder' (frozen case), 'null_embedding' or 'null_ids',
+    'alphas_cumprod'}."""
+    ip2p_loss = make_loss_fn(models, cfg)
+    return make_update_step(lambda *a: (ip2p_loss(*a), {}), cfg, tx, lr_schedule, axis_name, flat_sharding)
+
+
+def make_update_step(loss_fn: Callable, cfg: StepConfig, tx: optax.GradientTransformation,
+                     lr_schedule: Callable, axis_name: Optional[str] = None,
+                     flat_sharding: Any = None) -> Callable:
+    """train_step(state, frozen, batch) -> (state, metrics) for any loss_fn(params, frozen, batch, step_key)
+    -> (loss, aux scalars): gradient accumulation (cfg.grad_accum), device averaging, AdamW on the flat
+    vector, EMA (cfg.ema_decay), the non-finite guard. The aux scalars join the metrics.
 
     axis_name: the pmap axis to average gradients and metrics over (None under jit).
     flat_sharding: optional sharding of the flat gradient (= optimizer-state) vector (fsdp under jit):
     gradients are reduce-scattered into it.
-    frozen: {'vae', 'text_encoder' (frozen case), 'null_embedding' or 'null_ids', 'alphas_cumprod'}.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(models, cfg))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def flat_grad(params, frozen, batch, step_key):
-        loss, grads = grad_fn(params, frozen, batch, step_key)
+        (loss, aux), grads = grad_fn(params, frozen, batch, step_key)
         g = ravel(grads)
-        return loss, (g if flat_sharding is None else lax.with_sharding_constraint(g, flat_sharding))
+        return loss, aux, (g if flat_sharding is None else lax.with_sharding_constraint(g, flat_sharding))
 
     def train_step(state: TrainState, frozen: dict, batch: dict):
-        step_key = jax.random.fold_in(state.rng, state.step)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k = cfg.grad_accum
         if k == 1:
-            loss, flat_grads = flat_grad(state.params, frozen, batch, step_key)
+            loss, aux, flat_grads = flat_grad(state.params, frozen, batch, step_key)
         else:
             def body(carry, micro):
-                loss, g = flat_grad(state.params, frozen, micro, step_key)
-                return (carry[0] + loss, carry[1] + g), None
+                loss, aux, g = flat_grad(state.params, frozen, micro, step_key)
+                return jax.tree.map(jnp.add, carry, (loss, aux, g)), None
+            micro = micro_batches(batch, k)
+            first = jax.tree.map(lambda x: x[0], micro)
+            aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     jax.eval_shape(lambda: loss_fn(state.params, frozen, first, step_key)[1]))
             flat_zeros = jnp.zeros(ravel_size(state.params), jnp.float32)
             if flat_sharding is not None:
                 flat_zeros = lax.with_sharding_constraint(flat_zeros, flat_sharding)
-            (loss, flat_grads), _ = lax.scan(body, (jnp.zeros((), jnp.float32), flat_zeros),
-                                             micro_batches(batch, k))
-            loss, flat_grads = loss / k, flat_grads / k
+            (loss, aux, flat_grads), _ = lax.scan(body, (jnp.zeros((), jnp.float32), aux_zeros, flat_zeros), micro)
+            loss, aux, flat_grads = jax.tree.map(lambda x: x / k, (loss, aux, flat_grads))
         if axis_name is not None:
-            loss, flat_grads = lax.pmean((loss, flat_grads), axis_name)
+            loss, aux, flat_grads = lax.pmean((loss, aux, flat_grads), axis_name)
 
         flat_params = ravel(state.params)
         grad_norm = jnp.sqrt(jnp.sum(jnp.square(flat_grads)))
@@ -193,6 +212,7 @@ def make_train_step(models: Models, cfg: StepConfig, tx: optax.GradientTransform
             "finite": finite.astype(jnp.int32),
             "nonfinite_run": new_state.nonfinite_run,
             "nonfinite_total": new_state.nonfinite_total,
+            **aux,
         }
         return new_state, metrics
 

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ip2p_jax.errors import Ip2pError
+from ip2p_jax.tokenizer import tokenize
+
+
+class SyntheticDataError(Ip2pError):
+    """A synthetic stream that cannot be split as asked."""
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "white": (240, 240, 240),
            "black": (15, 15, 15)}
 
@@ -42,9 +50,7 @@ class SyntheticPairs:
     def __init__(self, tokenizer, *, resolution: int, global_batch_size: int, seed: int = 0,
                  num_examples: int = 0, process_index: int = 0, process_count: int = 1):
         if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
-        from ip2p_jax.tokenizer import tokenize
-
+            raise SyntheticDataError(f"global batch {global_batch_size} does not split over {process_count} processes")
         self.local = global_batch_size // process_count
         self.global_batch, self.offset = global_batch_size, process_index * self.local
         self.resolution, self.seed, self.num_examples = resolution, seed, num_examples
