@@ -19,7 +19,7 @@ CONFIG = os.path.join(ROOT, "configs", "train.py")
 @pytest.mark.parametrize("p", [0.05, 0.1])
 def test_dropout_rates(p):
     n = 400_000
-    r = jax.random.uniform(jax.random.PRNGKey(1), (n,))
+    r = jax.random.uniform(jax.random.key(1), (n,))
     text, image = (np.asarray(m) for m in dropout.dropout_masks(r, p))
     rates = {"text only": np.mean(text & ~image), "both": np.mean(text & image),
              "image only": np.mean(~text & image), "neither": np.mean(~text & ~image)}
