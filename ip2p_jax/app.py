@@ -10,7 +10,7 @@ import argparse
 import random
 import sys
 
-from ip2p_jax.commands.edit import DEFAULT_STEPS, DEMO_STEPS, find_demo_model
+from ip2p_jax.commands.edit import DEFAULT_STEPS, choose_model, default_steps
 from ip2p_jax.diffusion import SAMPLERS
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.images import RESIZE_MODES
@@ -94,15 +94,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         gr = require_gradio()   # fail fast, before loading a model
-        model = args.model or find_demo_model()
-        if model is None:
-            raise AppError("no --model given and no demo model installed")
+        model, is_demo = choose_model(args.model)
         pipe = EditPipeline.from_pretrained(model, dtype=args.dtype)
     except Ip2pError as e:
         print(f"ip2p app: error: {e}", file=sys.stderr)
         return 2
-    steps = DEFAULT_STEPS if args.model else DEMO_STEPS
-    print(f"ip2p app: using {model} ({'--model' if args.model else 'no --model given: the demo model'}); "
+    steps = default_steps(is_demo)
+    print(f"ip2p app: using {model} ({'no --model given: the demo model' if is_demo else '--model'}); "
           f"defaults {steps} steps, resolution {pipe.native_resolution}", file=sys.stderr)
     build_ui(pipe, gr, steps_default=steps).launch(server_port=args.port, share=args.share)
     return 0

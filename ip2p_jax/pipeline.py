@@ -148,7 +148,8 @@ class EditPipeline:
         size = self.unet_config.sample_size
         if isinstance(size, (list, tuple)):
             size = max(size)
-        return max(64, int(size) * self.vae_scale) if size else FALLBACK_RESOLUTION   # 64: the authors' rule's least
+        # 64: the least size the authors' resize rule gives
+        return max(64, int(size) * self.vae_scale) if size else FALLBACK_RESOLUTION
 
     @property
     def num_devices(self) -> int:
@@ -197,7 +198,8 @@ class EditPipeline:
           of image j gets seed[j] + k). An output's noise depends only on its seed.
         latents: optional initial noise (outputs, H/8, W/8, 4), standard normal, unscaled.
         num_samples: outputs per image. resolution (default: the model's native_resolution),
-          resize ("authors" | "keep"): see ip2p_jax.images.resize_for_edit. batch_size: edits per compiled call (default 8 per device).
+          resize ("authors" | "keep"): see ip2p_jax.images.resize_for_edit.
+        batch_size: edits per compiled call (default 8 per device).
         names: labels for messages and settings (default "image 0", ...). max_pixels: input limit.
         """
         outs = sorted(self.iter_edit(images, instructions, progress=progress, **kwargs),

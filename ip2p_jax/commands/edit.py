@@ -120,10 +120,10 @@ def _warn(msg: str) -> None:
     print(f"ip2p edit: {msg}", file=sys.stderr)
 
 
-def _choose_model(args) -> tuple[str, bool]:
-    """(model, is_demo): --model if given, else the installed demo model."""
-    if args.model:
-        return args.model, False
+def choose_model(model: str | None) -> tuple[str, bool]:
+    """(model, is_demo): `model` (--model) if given, else the installed demo model (the CLI and the app)."""
+    if model:
+        return model, False
     model = find_demo_model()
     if model is None:
         raise EditUsageError("no --model given and no demo model installed "
@@ -131,9 +131,13 @@ def _choose_model(args) -> tuple[str, bool]:
     return model, True
 
 
+def default_steps(is_demo: bool) -> int:
+    return DEMO_STEPS if is_demo else DEFAULT_STEPS
+
+
 def run(args) -> int:
-    model, is_demo = _choose_model(args)
-    steps = args.steps if args.steps is not None else (DEMO_STEPS if is_demo else DEFAULT_STEPS)
+    model, is_demo = choose_model(args.model)
+    steps = args.steps if args.steps is not None else default_steps(is_demo)
     if steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
     check_request(steps=steps, num_samples=args.num_samples, batch_size=args.batch_size,
