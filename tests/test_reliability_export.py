@@ -129,6 +129,16 @@ def test_out_paths_that_cannot_be_written(tmp_path, monkeypatch, capsys):
     assert "Read-only file system" in err and str(ro) in err and "Traceback" not in err
 
 
+def test_too_little_free_space_is_found_before_writing(components, tmp_path, monkeypatch):
+    import collections
+
+    st = collections.namedtuple("st", "f_bavail f_frsize")
+    monkeypatch.setattr(os, "statvfs", lambda p: st(1, 4096))
+    with pytest.raises(WeightsError, match=r"model: needs about .* MB, .* has 0.0 MB free"):
+        save_diffusers_folder(components, str(tmp_path / "model"))
+    assert not os.listdir(tmp_path)
+
+
 def test_end_of_training_export_into_user_files_is_refused_before_training(tmp_path):
     from train_helpers import tiny_config
 

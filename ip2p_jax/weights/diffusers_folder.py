@@ -152,6 +152,14 @@ def model_index(components: Components) -> dict:
     }
 
 
+def _leaf_values(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaf_values(v)
+    else:
+        yield tree
+
+
 def save_diffusers_folder(components: Components, path: str, *, dtype=None, overwrite: bool = False,
                           progress: bool = False, protect: Iterable[str] = ()) -> str:
     """Write `components` as a diffusers pipeline folder (atomically); returns the folder.
@@ -166,7 +174,8 @@ def save_diffusers_folder(components: Components, path: str, *, dtype=None, over
     if dtype is not None:
         params_all = {k: cast_params(v, dtype) for k, v in params_all.items()}
     check_finite(params_all, os.path.abspath(path))
-    with atomic_folder(path, overwrite=overwrite, protect=protect) as tmp:
+    need = sum(np.asarray(x).nbytes for tree in params_all.values() for x in _leaf_values(tree))
+    with atomic_folder(path, overwrite=overwrite, protect=protect, need_bytes=need) as tmp:
         for name in _progress(list(SPECS) + ["tokenizer", "scheduler"], f"writing {os.path.basename(path)}",
                               progress):
             sub = os.path.join(tmp, name)

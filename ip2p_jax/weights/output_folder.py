@@ -34,12 +34,13 @@ def _contains(folder: str, path: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_output_folder(path: str, *, overwrite: bool = False, protect: Iterable[str] = ()) -> str:
+def check_output_folder(path: str, *, overwrite: bool = False, protect: Iterable[str] = (),
+                        need_bytes: int = 0) -> str:
     """Refuse (WeightsError naming the path) a target we must not write; returns the absolute path.
 
     Checks: not the current directory / the root / a folder holding a `protect` path; an existing
     target is a folder that is empty or one of ours (MARKER), and `overwrite` for a non-empty one;
-    the nearest existing parent is a writable folder."""
+    the nearest existing parent is a writable folder with `need_bytes` free."""
     path = os.path.abspath(os.fspath(path))
     if _contains(path, os.getcwd()) or os.path.dirname(path) == path:
         raise WeightsError(f"{path}: is the current directory or one of its parents; "
@@ -70,6 +71,15 @@ def check_output_folder(path: str, *, overwrite: bool = False, protect: Iterable
         os.unlink(probe)
     except OSError as e:
         raise WeightsError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
+    if need_bytes:
+        try:
+            st = os.statvfs(parent)
+            free = st.f_bavail * st.f_frsize
+        except (OSError, AttributeError):   # no statvfs (Windows): the write itself will tell
+            free = need_bytes
+        if free < need_bytes:
+            raise WeightsError(f"{path}: needs about {need_bytes / 1e6:.1f} MB, {parent} has "
+                               f"{free / 1e6:.1f} MB free")
     return path
 
 
@@ -97,12 +107,12 @@ def _leaves(tree, prefix: str = ""):
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str, overwrite: bool = False, protect: Iterable[str] = ()):
+def atomic_folder(path: str, overwrite: bool = False, protect: Iterable[str] = (), need_bytes: int = 0):
     """Yield a temporary folder beside `path` (MARKER already in it); on success it replaces `path`.
 
     A crash leaves `path` as it was (and at worst a `.<name>.tmp-*` folder beside it). OSErrors
     become one-line WeightsErrors naming the path."""
-    path = check_output_folder(path, overwrite=overwrite, protect=protect)
+    path = check_output_folder(path, overwrite=overwrite, protect=protect, need_bytes=need_bytes)
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
