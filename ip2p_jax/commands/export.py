@@ -8,8 +8,8 @@ from ip2p_jax.weights.output_folder import check_output_folder
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the training run's workdir (config.json + checkpoints/)")
-    parser.add_argument("--out", required=True, help="the diffusers folder to write (a new or empty folder, or an earlier "
-                                                       "export with --overwrite)")
+    parser.add_argument("--out", required=True,
+                        help="the diffusers folder to write (a new or empty folder, or an earlier export with --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT (atomically)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 

@@ -175,8 +175,8 @@ class MetricLog:
                         scalars["nonfinite_total"])
         if self.max_nonfinite and scalars["nonfinite_run"] >= self.max_nonfinite:
             raise TrainingStopped(f"{scalars['nonfinite_run']} steps in a row (up to step {step}) had a non-finite "
-                                  f"loss, gradient or update; stopping. Params, optimizer and EMA keep their last finite "
-                                  f"update; lower optim.learning_rate or check the data, then resume.")
+                                  f"loss, gradient or update; stopping. Params, optimizer and EMA keep their last "
+                                  f"finite update; lower optim.learning_rate or check the data, then resume.")
         if step % self.every == 0 or step == self.total:
             self.flush(step, now)
 
@@ -220,12 +220,14 @@ def _restore_error(workdir: str, step: int, saved: Optional[dict], config, e: Ex
     """A failed restore, told as the settings that differ from the checkpoint's run (not orbax's message)."""
     diffs = config_differences(saved, config_json(config)) if saved is not None else []
     model = [d for d in diffs if d.startswith(("model.", "task"))]
-    if model or diffs:
+    if model:
         return TrainingStopped(f"{workdir}: cannot resume from checkpoint step {step}: it was written with other "
-                               f"settings ({'; '.join((model or diffs)[:8])}); go on with the run's own settings "
+                               f"model settings ({'; '.join(model[:8])}); go on with the run's own settings "
                                f"({workdir}/config.json) or use a new --workdir")
     first = (str(e).strip().splitlines() or [""])[0][:300]
-    return TrainingStopped(f"{workdir}: cannot resume from checkpoint step {step} ({type(e).__name__}: {first})")
+    changed = f"; settings changed since: {'; '.join(diffs[:8])}" if diffs else ""
+    return TrainingStopped(f"{workdir}: cannot resume from checkpoint step {step} ({type(e).__name__}: "
+                           f"{first}){changed}")
 
 
 def _export_dir(config, workdir: str) -> str:
