@@ -179,3 +179,40 @@ def test_workdir_that_cannot_be_used(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(WorkdirError, match=f"{ro}.*Read-only file system"):
         train(c, str(ro), toy_task(c))
+
+
+MULTI_DEVICE = r'''
+import sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_reliability_train import ToyData, toy_loss
+from ip2p_jax.train.parallel import fetch, make_runner
+from ip2p_jax.train.state import OptimizerConfig, learning_rate_schedule, make_optimizer
+from ip2p_jax.train.step import StepConfig
+assert jax.device_count() == 4
+for lr in (float("nan"), 0.1):
+    cfg = OptimizerConfig(learning_rate=lr)
+    tx, sched = make_optimizer(cfg), learning_rate_schedule(cfg)
+    finals = []
+    for mode, kw in (("pmap", {}), ("jit", dict(mesh_data=2, fsdp=2, fsdp_min_size=1))):
+        runner = make_runner(mode, None, StepConfig(ema_decay=0.9), tx, sched, loss_fn=toy_loss, **kw)
+        state = runner.init_state({"w": np.arange(4096 * 2, dtype=np.float32)}, 0)
+        state, metrics = runner.step(state, runner.put_frozen({}), runner.put_batch(next(ToyData())))
+        m, final = runner.scalars(metrics), fetch(runner.to_global(state))
+        assert m["finite"] == (0 if lr != lr else 1), (mode, m)
+        changed = not np.array_equal(final.params["w"], np.arange(4096 * 2, dtype=np.float32))
+        assert changed == (lr == lr), (mode, lr)
+        finals.append(final)
+    for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+print("OK")
+'''
+
+
+def test_update_guard_is_the_same_on_four_devices_pmap_and_fsdp(tmp_path):
+    from train_helpers import HERE, ROOT, subprocess_env
+
+    env = dict(subprocess_env(devices=4), PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", MULTI_DEVICE, HERE], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
