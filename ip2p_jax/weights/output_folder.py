@@ -42,14 +42,20 @@ def check_output_folder(path: str, *, overwrite: bool = False, protect: Iterable
     target is a folder that is empty or one of ours (MARKER), and `overwrite` for a non-empty one;
     the nearest existing parent is a writable folder with `need_bytes` free."""
     path = os.path.abspath(os.fspath(path))
-    if _contains(path, os.getcwd()) or os.path.dirname(path) == path:
+    try:
+        cwd = os.getcwd()
+    except OSError:   # the current folder was removed
+        cwd = None
+    if (cwd and _contains(path, cwd)) or os.path.dirname(path) == path:
         raise WeightsError(f"{path}: is the current directory or one of its parents; "
                            "write the model into a new folder (e.g. --out ./model)")
     for p in protect:
         if p and _contains(path, os.path.abspath(p)):
             raise WeightsError(f"{path}: holds {os.path.abspath(p)}; write the model into a folder of its own")
     if os.path.lexists(path):
-        if not os.path.isdir(path) or os.path.islink(path):
+        if os.path.islink(path):
+            raise WeightsError(f"{path}: is a symbolic link; give the folder itself, or another output")
+        if not os.path.isdir(path):
             raise WeightsError(f"{path}: exists and is not a folder; choose another output")
         try:
             entries = os.listdir(path)
