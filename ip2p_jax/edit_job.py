@@ -217,10 +217,13 @@ def run_job(pipe: EditPipeline, rows: Sequence[Row], out: str, *, steps: int, sa
 
     # Pass 1: skip complete rows, read the headers of the others, group them by edit size.
     groups: dict[tuple[int, int], list[Row]] = {}
+    leftovers = _temporaries(out)
     for row in mine:
         if is_complete(out, row.id):
             summary.skipped += 1
             continue
+        for tmp in leftovers.get(row.id, ()):   # a killed run's half-written files of this row
+            os.unlink(os.path.join(out, tmp))
         try:
             size = _edit_size(row, resize=resize, resolution=resolution, max_pixels=max_pixels,
                               max_edit_pixels=max_edit_pixels)
@@ -255,6 +258,16 @@ def run_job(pipe: EditPipeline, rows: Sequence[Row], out: str, *, steps: int, sa
     summary.seconds = time.perf_counter() - start
     log.info("%s", summary.report())
     return summary
+
+
+def _temporaries(out: str) -> dict[str, list[str]]:
+    """row id -> the hidden `.ID.png.*.part` / `.ID.json.*.part` files files.atomic_file leaves on a kill."""
+    found: dict[str, list[str]] = {}
+    for name in os.listdir(out):
+        m = re.fullmatch(r"\.(.+)\.(?:png|json)\.[^.]+\.part", name)
+        if m:
+            found.setdefault(m.group(1), []).append(name)
+    return found
 
 
 def _edit_size(row: Row, *, resize, resolution, max_pixels, max_edit_pixels) -> tuple[int, int]:

@@ -144,6 +144,7 @@ def default_steps(is_demo: bool) -> int:
 
 
 def run(args) -> int:
+    distributed.init_distributed(args)   # before anything touches a JAX backend
     job = args.manifest is not None or args.tfds is not None
     if sum(x is not None for x in (args.image, args.manifest, args.tfds)) != 1:
         raise EditUsageError("give exactly one of --image, --manifest and --tfds")
@@ -164,7 +165,6 @@ def run(args) -> int:
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
-    distributed.init_distributed(args)
     if job:
         rows, bad = _job_rows(args)   # a bad manifest or dataset is reported before any model is loaded
 
@@ -217,9 +217,12 @@ def run(args) -> int:
 
 
 def _job_rows(args):
-    if args.manifest is not None:
-        return edit_job.read_manifest(args.manifest, base_seed=args.seed or 0)
-    return edit_job.tfds_rows(args.tfds, base_seed=args.seed or 0), []
+    if args.manifest is None:
+        return edit_job.tfds_rows(args.tfds, base_seed=args.seed or 0), []
+    rows, bad = edit_job.read_manifest(args.manifest, base_seed=args.seed or 0)
+    if args.strict and bad:
+        raise edit_job.JobError(f"{args.manifest}: bad row (--strict): {bad[0]}")
+    return rows, bad
 
 
 def _run_job(pipe, rows, bad, args, steps, resolution) -> int:
@@ -283,6 +286,7 @@ def _run_edits(pipe, paths, args, common, failed) -> int:
                                                        **settings})
                 n += 1
                 bar.update(1)
+            loaded = pairs = got = None   # drop this chunk's images before the next is decoded
     return n
 
 
