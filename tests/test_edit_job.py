@@ -267,3 +267,24 @@ def test_folder_inputs_are_decoded_as_their_batch_comes(setup, tmp_path, monkeyp
     sides = sorted((json.load(open(out / f)) for f in os.listdir(out) if f.endswith(".json")),
                    key=lambda s: s["index"])
     assert [s["seed"] for s in sides] == list(range(5, 45))   # seeds as one call over all inputs
+
+
+def test_tfds_split_edit(setup, tmp_path):
+    import data_helpers as dh
+    from ip2p_jax import cli
+    from ip2p_jax.data import builder as B
+
+    expected = dh.write_authors(str(tmp_path / "src"), n_prompts=6, seeds=(1,))
+    report = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "d"), name="pairs", progress=False)
+    split = max(report.examples, key=report.examples.get)
+    out = tmp_path / "out"
+    argv = ["edit", "--model", setup["model"], "--tfds", f"{tmp_path / 'd'}:pairs/{split}", "--out", str(out),
+            "--steps", "2", "--resize", "keep", "--quiet"]
+    assert cli.main(argv) == 0
+    n = report.examples[split]
+    sides = [json.load(open(out / f"{split}-{i}.json")) for i in range(n)]
+    assert len(os.listdir(out)) == 2 * n
+    assert {s["instruction"] for s in sides} <= {e["instruction"] for e in expected.values()}
+    assert [s["seed"] for s in sides] == list(range(n))       # base seed 0 + record index
+    assert cli.main(argv[:4] + [f"{tmp_path / 'd'}:nothing/{split}"] + argv[5:]) == 2
+
