@@ -231,10 +231,10 @@ def _run_job(pipe, rows, bad, args, steps, resolution) -> int:
                                resize=args.resize, bad=bad, strict=args.strict,
                                rows_are_local=args.tfds is not None, max_pixels=args.max_pixels,
                                max_edit_pixels=args.max_edit_pixels, show_progress=not args.quiet)
-    done, skipped, n_failed = edit_job.total_summary(summary)
-    print(summary.report())
-    if summary.processes > 1 and summary.process == 0:
-        print(f"all {summary.processes} processes: {done} done, {skipped} skipped, {n_failed} failed")
+    done, skipped, n_failed = edit_job.total_summary(summary)   # each process has logged its own report
+    if summary.process == 0:
+        who = f"all {summary.processes} processes: " if summary.processes > 1 else ""
+        print(f"{who}{done} done, {skipped} skipped, {n_failed} failed; results in {args.out}")
     return 0 if done + skipped else 1
 
 
