@@ -269,6 +269,7 @@ def test_folder_inputs_are_decoded_as_their_batch_comes(setup, tmp_path, monkeyp
     assert [s["seed"] for s in sides] == list(range(5, 45))   # seeds as one call over all inputs
 
 
+@pytest.mark.slow   # ~30 s on 2 busy cores (a TFDS build and one more compiled shape); `make test-slow`
 def test_tfds_split_edit(setup, tmp_path):
     import data_helpers as dh
     from ip2p_jax import cli
