@@ -19,6 +19,8 @@ import random
 import re
 import sys
 
+import jax
+
 from ip2p_jax import demo, edit_job, files, images, sharding
 from ip2p_jax.commands import distributed
 from ip2p_jax.diffusion import make_plan
@@ -105,9 +107,12 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "input"
 
 
-def _write_new(directory: str, stem: str, image, settings: dict) -> str:
+def _write_new(directory: str, stem: str, image, settings: dict) -> str | None:
     """Write `image` as a PNG under a name no file in `directory` has (`stem.png`, `stem-1.png`, ...),
-    claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites."""
+    claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites.
+    Multi-process (`--image` with the launch flags: every process receives every result): process 0 writes."""
+    if jax.process_index() != 0:
+        return None
     n = 0
     while True:
         path = os.path.join(directory, f"{stem}{'' if n == 0 else f'-{n}'}.png")
