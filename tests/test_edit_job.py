@@ -289,3 +289,22 @@ def test_tfds_split_edit(setup, tmp_path):
     assert [s["seed"] for s in sides] == list(range(n))       # base seed 0 + record index
     assert cli.main(argv[:4] + [f"{tmp_path / 'd'}:nothing/{split}"] + argv[5:]) == 2
 
+
+
+def test_manifest_rows_and_their_problems(tmp_path):
+    from ip2p_jax import edit_job
+
+    lines = ['{"image": "a.png", "instruction": "x"}', "", '[1, 2]', '{"image": "a.png"}',
+             '{"image": "a.png", "instruction": "x", "id": "../up"}', '{"image": "a.png", "instruction": "x", "seed": true}',
+             '{"image": "a.png", "instruction": "x", "text_scale": NaN}', '{"image": "/abs/b.png", "instruction": "y", "id": "1"}',
+             '{"image": "c.png", "instruction": "z", "seed": 4, "image_scale": 1.1}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    rows, bad = edit_job.read_manifest(str(tmp_path / "m.jsonl"), base_seed=10)
+    assert [(r.line, r.id, r.seed) for r in rows] == [(1, "1", 11), (9, "9", 4)]
+    assert rows[0].image == str(tmp_path / "a.png") and rows[1].image_scale == 1.1 and rows[1].text_scale is None
+    reasons = {b.line: b.reason for b in bad}
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8]
+    assert "expected a JSON object" in reasons[3] and "'instruction'" in reasons[4] and "cannot name a file" in reasons[5]
+    assert "seed" in reasons[6] and "text_scale" in reasons[7] and "duplicate id '1' (first on line 1)" in reasons[8]
+    with pytest.raises(edit_job.JobError, match="cannot read the manifest"):
+        edit_job.read_manifest(str(tmp_path / "nope.jsonl"))

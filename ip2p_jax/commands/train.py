@@ -8,12 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ip2p_jax.commands import distributed
-from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.configs import apply_overrides, load_config, split_overrides
-
-
-class TrainCommandError(Ip2pError):
-    """Command-line settings of `ip2p train` that do not go together."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
