@@ -235,7 +235,7 @@ def run_job(pipe: EditPipeline, rows: Sequence[Row], out: str, *, steps: int, sa
         _strict_stop(summary, count)
 
     # Agree on the sizes and on the number of calls per size.
-    local_rows = per_device_batch * jax.local_device_count()
+    local_rows = per_device_batch * pipe.num_local_devices
     plan = _agree(groups, local_rows, count)
     total = sum(len(g) for g in groups.values())
     bar = progress(total=total, desc=f"editing (process {p})" if count > 1 else "editing", unit="img",

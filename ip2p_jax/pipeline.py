@@ -157,6 +157,11 @@ class EditPipeline:
     def num_devices(self) -> int:
         return sharding.data_size(self.mesh)
 
+    @property
+    def num_local_devices(self) -> int:
+        """Devices of the mesh that belong to this process."""
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
     # ------------------------------------------------------------------ compiled pieces
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -310,7 +315,7 @@ class EditPipeline:
         """
         check_request(steps=steps, text_scale=list(text_scales), image_scale=list(image_scales))
         plan = self.plan(sampler, steps, schedule)
-        n, local = len(images), jax.local_device_count()
+        n, local = len(images), self.num_local_devices
         if n == 0 or n % local or not len(instructions) == len(seeds) == len(text_scales) == len(image_scales) == n:
             raise EditError(f"edit_local_batch needs one instruction, seed and scale pair per image and a row "
                             f"count that divides over this process's {local} devices; got {n} images")
