@@ -41,11 +41,14 @@ def import_beam():
 
 def pipeline_options(text: str | None):
     """PipelineOptions from `runner=DirectRunner,direct_num_workers=2,...` (the form of
-    `tfds build --beam_pipeline_options`); the runner defaults to DirectRunner."""
+    `tfds build --beam_pipeline_options`); the runner defaults to DirectRunner, the workers' log
+    level to WARNING."""
     beam = import_beam()
     flags = [f"--{kv.strip()}" for kv in (text or "").split(",") if kv.strip()]
     if not any(f.startswith("--runner=") for f in flags):
         flags.insert(0, "--runner=DirectRunner")
+    if not any(f.startswith("--default_sdk_harness_log_level=") for f in flags):
+        flags.append("--default_sdk_harness_log_level=WARNING")   # workers' INFO lines drown the summary
     _let_local_workers_import_this_copy()
     return beam.options.pipeline_options.PipelineOptions(flags)
 
