@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import writer as writer_lib
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ip2p_jax.errors import Ip2pError
@@ -49,6 +50,8 @@ IMAGE_FEATURES = ("input_image", "edited_image")
 TEXT_FEATURES = ("instruction", "input_caption", "edited_caption", "id", "prompt_id")
 MAX_KEPT_REJECTIONS = 10_000
 SHARD_BYTES = 1 << 30  # start a new array_record file past this size
+# one record per group (random access), no compression (the images already are)
+RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 class BuildError(Ip2pError):
@@ -193,6 +196,18 @@ class _SplitRouter:
                 self.spools[s].write(ex)
 
 
+class _RecordWriter(writer_lib.ExampleWriter):
+    """TFDS' shard writer with this builder's array_record options (TFDS' own compress)."""
+
+    def write(self, path, examples):
+        from array_record.python import array_record_module  # optional heavy dependency
+
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), RECORD_OPTIONS)
+        for _, data in examples:
+            writer.write(data)
+        writer.close()
+
+
 # ---------------------------------------------------------------- the builder
 
 class EditPairs(tfds.core.GeneratorBasedBuilder):
@@ -261,8 +276,7 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         for _, example in examples:
             if writer is None:
                 path = os.path.join(os.fspath(self.data_path), f".shard-{split}-{len(shards):05d}")
-                # one record per group (random access), no compression (the images already are)
-                writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
+                writer = array_record_module.ArrayRecordWriter(path, RECORD_OPTIONS)
                 shards.append([path, 0])
             data = serializer.serialize_example(feats.encode_example(example))
             writer.write(data)
@@ -282,6 +296,9 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
             os.replace(path, os.fspath(template.sharded_filepath(shard_index=i, num_shards=len(shards))))
         return tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n in shards], num_bytes=total_bytes,
                                    filename_template=template)
+
+    def _example_writer(self):
+        return _RecordWriter(self.info.file_format)   # TFDS' Beam writer writes the shards with it
 
     def _generate_examples(self, split: str):
         hashes = open(prompt_hash_file(self.data_dir, split), "wb")
