@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="dataset config name (default: the format)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
-    p.add_argument("--workers", type=int, default=None, help="threads reading and checking images (default: min(8, cores))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads reading and checking images (default: min(8, cores); plain build)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--beam", action="store_true", help="build through an Apache Beam pipeline (the [beam] extra)")
     p.add_argument("--beam_pipeline_options", "--beam-pipeline-options", default=None, metavar="K=V,...",

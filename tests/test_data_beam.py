@@ -53,6 +53,7 @@ def test_two_worker_beam_build_equals_plain(tmp_path, monkeypatch):
     assert beam.rejections == plain.rejections and beam.rejections[0].startswith("0000005/503: corrupt image")
     assert "0000005/503: corrupt image" in beam.summary()
     assert os.listdir(tmp_path / "beam") == ["edit_pairs"]   # no temporary leftovers
+    assert os.stat(B.prompt_hash_file(beam.path, "train")).st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])

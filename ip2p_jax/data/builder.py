@@ -197,7 +197,7 @@ class _SplitRouter:
 
 
 class _RecordWriter(writer_lib.ExampleWriter):
-    """TFDS' shard writer with this builder's array_record options (TFDS' own compress)."""
+    """TFDS' shard writer (used by its Beam writer) with this builder's array_record options."""
 
     def write(self, path, examples):
         from array_record.python import array_record_module  # optional heavy dependency
