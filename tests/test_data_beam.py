@@ -1,6 +1,7 @@
 """The TFDS build through an Apache Beam pipeline (DirectRunner) equals the plain build."""
 import builtins
 import importlib.util
+import logging
 import os
 
 import pytest
@@ -39,12 +40,14 @@ def _bad_authors(root: str, n_prompts: int) -> dict:
     return expected
 
 
-def test_two_worker_beam_build_equals_plain(tmp_path, monkeypatch):
+def test_two_worker_beam_build_equals_plain(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(S.AuthorsSource, "unit_prompts", 7)   # several units: their order must hold
     expected = _bad_authors(str(tmp_path / "src"), n_prompts=30)
     plain = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "plain"), "ip2p", progress=False)
-    beam = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "beam"), "ip2p", progress=False,
-                           beam=True, beam_pipeline_options=TWO_WORKERS)
+    with caplog.at_level(logging.INFO, logger="ip2p_jax.data.builder"):
+        beam = B.build_dataset("authors", str(tmp_path / "src"), str(tmp_path / "beam"), "ip2p", progress=False,
+                               beam=True, beam_pipeline_options=TWO_WORKERS)
+    assert "Beam pipeline done: pairs 59, rejected 1" in caplog.text   # the workers' counters
     assert beam.examples == plain.examples and beam.total == 59
     assert set(beam.examples) == {"train", "validation", "test"}
     _same_datasets(str(tmp_path / "plain"), str(tmp_path / "beam"), "ip2p", expected)

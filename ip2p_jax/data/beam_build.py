@@ -127,6 +127,19 @@ def split_pcollections(pipeline, source, splits, hash_paths: dict, rejections_pa
     return out
 
 
+def counters(pipeline_result) -> dict[str, int]:
+    """The pipeline's `edit_pairs` counters ({"pairs": n, "rejected": m}), where the runner keeps them."""
+    beam = import_beam()
+    try:
+        query = pipeline_result.metrics().query(beam.metrics.MetricsFilter().with_namespace("edit_pairs"))
+    except Exception:   # a runner without metrics support
+        return {}
+    out = {}
+    for c in query["counters"]:
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    return out
+
+
 def read_rejections(path: str) -> list[src.Rejection]:
     """The rejections the pipeline collected, in source order."""
     with open(path) as f:

@@ -297,6 +297,10 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         return tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n in shards], num_bytes=total_bytes,
                                    filename_template=template)
 
+    def _process_pipeline_result(self, pipeline_result):
+        self._counters = beam_build.counters(pipeline_result)
+        log.info("Beam pipeline done: %s", ", ".join(f"{k} {v}" for k, v in sorted(self._counters.items())))
+
     def _example_writer(self):
         return _RecordWriter(self.info.file_format)   # TFDS' Beam writer writes the shards with it
 
