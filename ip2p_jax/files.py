@@ -19,6 +19,15 @@ import tempfile
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iterator[Any]:
     """Yield a new temporary file opened with `mode`; on success it becomes `path`.
@@ -28,6 +37,7 @@ def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iter
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp makes 0600; results get the mode a plain open() gives
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -92,7 +92,6 @@ def _split_index(keyed_example, n: int) -> int:
 def _write_hashes(keyed_hashes: list, path: str) -> None:
     with files.atomic_file(path) as f:
         f.write(b"".join(struct.pack("<Q", h) for _, h in sorted(keyed_hashes)))
-        os.fchmod(f.fileno(), 0o644)   # readable like the shards beside it (temp files are 0600)
 
 
 def _write_rejections(rows: list, path: str) -> None:
