@@ -5,7 +5,7 @@
 params, EMA), bf16 compute, state donated, compiled once per batch size. One JSON line per batch size:
 
   python scripts/benchmark_train.py [--tiny] [--res 256] [--batches 16,32,64] [--steps 10]
-        [--mode jit|pmap] [--fsdp 1] [--remat] [--dtype bf16|fp32] [--grad_accum 1] [--cached]
+        [--mode jit|pmap] [--fsdp 1] [--remat none|dots|full] [--dtype bf16|fp32] [--grad_accum 1] [--cached]
 
 --cached times the latent-cache path (VAE moments and text embeddings precomputed).
 Imports only jax/flax/optax/numpy and ip2p_jax's models and train step (no diffusers, ml_collections,
@@ -99,7 +99,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--mode", default="jit", choices=["jit", "pmap"])
     ap.add_argument("--fsdp", type=int, default=1)
-    ap.add_argument("--remat", action="store_true", help="gradient checkpointing of the UNet blocks")
+    ap.add_argument("--remat", default="none", choices=["none", "dots", "full"], help="what UNet blocks keep for the backward pass")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16, fp32 on CPU)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     ap.add_argument("--grad_accum", type=int, default=1)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ip2p_jax.models.unet import remat_policy
 from ip2p_jax.train import dropout, parallel, state as st, step as sp
 from ip2p_jax.train.configs import ConfigOverrideError, apply_overrides, load_config, split_overrides
 
@@ -145,14 +146,14 @@ def test_overrides():
                                 "--config.model.unet.block_out_channels=(32, 64)"])
     assert rest == ["--workdir", "w"]
     apply_overrides(c, ov)
-    assert c.train.batch_size == 64 and c.model.remat is True and c.optim.learning_rate == 2e-4
+    assert c.train.batch_size == 64 and remat_policy(c.model.remat) == "full" and c.optim.learning_rate == 2e-4
     assert c.model.init == "/m" and tuple(c.model.unet.block_out_channels) == (32, 64)
     with pytest.raises(ConfigOverrideError, match="did you mean train.batch_size"):
         apply_overrides(c, ["--config.train.batch_sise=3"])
     with pytest.raises(ConfigOverrideError, match="expected an integer"):
         apply_overrides(c, ["--config.train.batch_size=1.5"])
     with pytest.raises(ConfigOverrideError, match="boolean"):
-        apply_overrides(c, ["--config.model.remat=maybe"])
+        apply_overrides(c, ["--config.model.train_text_encoder=maybe"])
 
 
 def test_cli_parses_overrides():

@@ -162,8 +162,27 @@ def test_remat_gradients_equal():
         loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)  # noqa: E731
         return jax.jit(jax.grad(loss))(params)
 
-    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    base = grads("none")
+    for policy in ("dots", "full", True):
+        for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(grads(policy))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_policies_reach_the_backward_pass():
+    """Each policy is what the traced gradient holds: no remat, remat with the dots policy, or remat
+    saving nothing (a misspelt policy is an error, not silently none)."""
+    _, cfg, params = reference("sd1_in8")
+    x, t, ctx = inputs(cfg, 1, (8, 8))
+
+    def traced(remat):
+        model = UNet2DConditionModel(cfg, attention_impl="xla", remat=remat)
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)))(params))
+
+    none, dots, full = traced(False), traced("dots"), traced("full")
+    assert "remat" not in none and "remat" in dots and "remat" in full
+    assert "only_if_no_batch_dims=True" in dots and "only_if_no_batch_dims" not in full
+    with pytest.raises(ConfigError, match="one of none, dots, full"):
+        UNet2DConditionModel(cfg, remat="dot").apply({"params": params}, x, t, ctx)
 
 
 def count(tree):

@@ -233,23 +233,46 @@ class UpBlock(_Block):
         return x
 
 
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(value) -> str:
+    """A remat setting (bool or one of REMAT_POLICIES, any case) as its policy name."""
+    name = {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else str(value).lower()
+    name = {"true": "full", "false": "none", "": "none"}.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"remat={value!r}: one of {', '.join(REMAT_POLICIES)} (or true / false)")
+    return name
+
+
+def remat_wrapper(value):
+    name = remat_policy(value)
+    if name == "none":
+        return lambda cls: cls
+    if name == "dots":
+        return lambda cls: nn.remat(cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return nn.remat
+
+
 class UNet2DConditionModel(nn.Module):
     """Noise prediction eps(sample, t, text). NHWC sample (B, h, w, in_channels), timesteps (B,) or
     scalar, encoder_hidden_states (B, L, cross_attention_dim) -> (B, h, w, out_channels) in `dtype`.
 
     self_attn_source: optional int (B,); row b takes every self-attention's probabilities from row
     self_attn_source[b] (prompt-to-prompt injection; needs the "xla" attention path).
-    remat: rematerialise each block in the backward pass (gradient checkpointing).
+    remat: what each block keeps for the backward pass (REMAT_POLICIES): "none" (everything),
+    "dots" (the matmul outputs without batch dimensions - the projections, not the attention scores -
+    the rest recomputed), "full" (nothing: the whole block recomputed). False / True mean none / full.
     """
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, self_attn_source=None):
         c, dtype = self.config, self.dtype
-        wrap = nn.remat if self.remat else (lambda cls: cls)
+        wrap = remat_wrapper(self.remat)
         common = dict(config=c, attention_impl=self.attention_impl, dtype=dtype)
         if self_attn_source is not None:
             self_attn_source = jnp.asarray(self_attn_source, jnp.int32)
