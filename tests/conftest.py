@@ -10,3 +10,19 @@ from train_helpers import FAST_XLA  # noqa: E402
 os.environ.setdefault("XLA_FLAGS", FAST_XLA)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _package_logger_restored():
+    """cli.main sets the package logger's level (-q: WARNING) and the training loop its propagation;
+    put both back so a later test in the same worker still sees the records it expects."""
+    pkg = logging.getLogger("ip2p_jax")
+    level, propagate, handlers = pkg.level, pkg.propagate, list(pkg.handlers)
+    yield
+    pkg.setLevel(level)
+    pkg.propagate = propagate
+    pkg.handlers[:] = handlers

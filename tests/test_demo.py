@@ -369,7 +369,8 @@ def test_warm_start_grows_cross_attention_as_identities(tmp_path, caplog):
     old = _without_top_attention(demo.demo_model_path(), str(tmp_path / "old"))
     full_attention = {**dm.UNET_CONFIG, "down_block_types": ["CrossAttnDownBlock2D"] * 3,
                       "up_block_types": ["CrossAttnUpBlock2D"] * 3}
-    with mock.patch.object(dm, "UNET_CONFIG", full_attention):
+    # (the script's own stderr log set-up would stop records reaching caplog)
+    with mock.patch.object(dm, "UNET_CONFIG", full_attention), mock.patch.object(dm, "show_progress_logs", lambda: None):
         assert dm.main(["unpack", "--model", old, "--workdir", str(tmp_path / "run"), "--recipe-unet"]) == 0
     base = dm.read_base(str(tmp_path / "run"))
     assert base["unet"] == full_attention
