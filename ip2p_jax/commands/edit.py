@@ -97,7 +97,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "input"
 
 
-def _write_new(directory: str, stem: str, image, settings: dict) -> str:
+def write_result(directory: str, stem: str, image, settings: dict) -> str:
     """Write `image` as a PNG under a name no file in `directory` has (`stem.png`, `stem-1.png`, ...),
     claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites."""
     n = 0
@@ -114,6 +114,30 @@ def _write_new(directory: str, stem: str, image, settings: dict) -> str:
             continue
         files.write_json(side, settings, exclusive=True)
         return path
+
+
+def sidecar(name: str, model: str, settings: dict) -> dict:
+    """The JSON sidecar of one result (`ip2p edit` and the web UI): its input, model and settings."""
+    return {"input": os.path.abspath(name) if os.path.exists(name) else name, "model": model, **settings}
+
+
+def sweep_grid(pipe, image, instruction: str, text_scales, image_scales, seed: int, *, name: str, **common):
+    """(labelled grid, its sidecar settings, the cells' EditOutputs) for one image and instruction:
+    rows image scale, columns text scale, the same seed in every cell, one batched call."""
+    cells = [(i_s, t_s) for i_s in image_scales for t_s in text_scales]      # row-major: rows image scale
+    res = pipe.edit([image] * len(cells), instruction, text_scale=[t for _, t in cells],
+                    image_scale=[i for i, _ in cells], seed=[seed] * len(cells), names=[name] * len(cells),
+                    progress=False, **common)
+    n = len(text_scales)
+    rows = [res.images[r * n:(r + 1) * n] for r in range(len(image_scales))]
+    grid = images.make_grid(rows, [f"{v:g}" for v in image_scales], [f"{v:g}" for v in text_scales],
+                            title=instruction, row_title="image scale", col_title="text scale")
+    first = dict(res.settings[0])
+    for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
+        first.pop(k, None)
+    settings = sidecar(name, pipe.source, {**first, "grid": {"rows_image_scale": list(image_scales),
+                                                             "columns_text_scale": list(text_scales)}})
+    return grid, settings, res.outputs
 
 
 def _warn(msg: str) -> None:
@@ -201,31 +225,20 @@ def _run_edits(pipe, loaded, args, common) -> int:
                                   names=[p for p, _, _ in pairs], **common):
             path, _, text = pairs[out.settings["pair_index"]]
             stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{out.settings['seed']}"
-            _write_new(args.out, stem, out.image, {"input": os.path.abspath(path), "model": pipe.source,
-                                                   **out.settings})
+            write_result(args.out, stem, out.image, sidecar(path, pipe.source, out.settings))
             n += 1
             bar.update(1)
     return n
 
 
 def _run_grid(pipe, loaded, args, common) -> int:
-    ts, ims = args.text_scales, args.image_scales
-    cells = [(i_s, t_s) for i_s in ims for t_s in ts]        # row-major: rows image scale
     n = 0
     jobs = [(path, img, text) for path, img in loaded for text in args.instruction]
     for path, img, text in progress(jobs, desc="grids", unit="grid", enabled=not args.quiet):
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-        res = pipe.edit([img] * len(cells), text, text_scale=[t for _, t in cells],
-                        image_scale=[i for i, _ in cells], seed=[seed] * len(cells),
-                        names=[path] * len(cells), progress=False, **common)
-        rows = [res.images[r * len(ts):(r + 1) * len(ts)] for r in range(len(ims))]
-        grid = images.make_grid(rows, [f"{v:g}" for v in ims], [f"{v:g}" for v in ts], title=text,
-                                row_title="image scale", col_title="text scale")
+        grid, settings, _ = sweep_grid(pipe, img, text, args.text_scales, args.image_scales, seed,
+                                       name=path, **common)
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
-        first = dict(res.settings[0])
-        for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
-            first.pop(k, None)
-        _write_new(args.out, stem, grid, {"input": os.path.abspath(path), "model": pipe.source, **first,
-                                          "grid": {"rows_image_scale": ims, "columns_text_scale": ts}})
+        write_result(args.out, stem, grid, settings)
         n += 1
     return n
