@@ -208,7 +208,7 @@ def test_concurrent_writers_never_share_a_name(tmp_path):
 
     def writer(i):
         barrier.wait()
-        paths.append(edit_cmd._write_new(str(tmp_path), "same", image, {"writer": i}))
+        paths.append(edit_cmd.write_result(str(tmp_path), "same", image, {"writer": i}))
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
     for t in threads:
