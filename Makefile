@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow test-wheel demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Builds the wheel and installs it into a fresh venv with only its declared dependencies.
+test-wheel: $(STAMP)
+	$(BIN)/python -m pytest -q -m wheel tests/test_wheel_install.py
 
 demo: $(STAMP)
 	$(BIN)/python -m ip2p_jax.demo

@@ -7,8 +7,8 @@ Presets:
           dropout 0.05, 10k steps, checkpoint every 1000, sample edits every 2000.
             ip2p train --config configs/train.py:sd15 --workdir runs/ip2p \
               --config.model.init=/models/stable-diffusion-v1-5 --config.data.path=/data/tfds
-  tiny    a small UNet from scratch on synthetic pairs; seconds on CPU (needs a tokenizer:
-          --config.model.tokenizer=DIR or --config.model.frozen_from=DIR).
+  tiny    a small UNet from scratch on synthetic pairs; seconds on CPU (tokenizes with the demo
+          model's shipped tokenizer; --config.model.tokenizer=DIR for another).
   shapes  a small UNet from scratch on the synthetic shapes dataset (TFDS, built by the datagen
           scripts) with SD 1.5's frozen VAE and text encoder; minutes on one accelerator.
   demo    the demo model's editor (ip2p_jax/demo_model): its UNet and CLIP text encoder, from scratch,
@@ -21,8 +21,11 @@ The autoencoder trains through the same loop: configs/autoencoder.py.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+from ip2p_jax.demo import DEMO_MODEL_DIR
 from ip2p_jax.datagen import demo_model
 
 SD15_SCHEDULER_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
@@ -136,6 +139,7 @@ def sd15(c: ml_collections.ConfigDict) -> None:
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
+    c.model.tokenizer = os.path.join(DEMO_MODEL_DIR, "tokenizer")   # shipped with the package
     c.model.compute_dtype = "float32"
     c.model.train_text_encoder = True
     c.optim.learning_rate = 3e-3

@@ -61,6 +61,29 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         Image.MAX_IMAGE_PIXELS = prev
 
 
+def probe_size(source, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The upright (width, height) of an image file (a path or a binary file object) from its
+    header alone, no pixel decoded: inputs are checked up front and decoded only when needed."""
+    name = name or os.fspath(source) if isinstance(source, (str, os.PathLike)) else (name or "image")
+    prev = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF rotation by 90 degrees
+                w, h = h, w
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image") from None
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = prev
+    check_pixels((w, h), max_pixels, name=name)
+    return w, h
+
+
 def check_pixels(size: tuple[int, int], max_pixels: int, *, name: str = "image",
                  setting: str = "max_pixels / --max-pixels") -> None:
     """ImageError naming the size, the limit and the `setting` that raises it, if over the limit."""

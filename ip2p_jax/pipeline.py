@@ -29,6 +29,7 @@ from ip2p_jax.diffusion import guidance, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
+from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import load
 
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
@@ -122,6 +123,7 @@ class EditPipeline:
         self._edit_jit = placement.compiled(_make_edit_function, self.unet, self.vae,
                                             float(self.vae_config.scaling_factor), self.mesh)
         self._autoencode_jit = placement.compiled(_make_autoencode_function, self.vae)
+        self._local_text_jit = placement.compiled(_make_local_text_function, self.text_encoder, self.mesh)
 
     @property
     def params(self) -> dict:
@@ -154,6 +156,11 @@ class EditPipeline:
     @property
     def num_devices(self) -> int:
         return sharding.data_size(self.mesh)
+
+    @property
+    def num_local_devices(self) -> int:
+        """Devices of the mesh that belong to this process."""
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
 
     # ------------------------------------------------------------------ compiled pieces
 
@@ -295,6 +302,42 @@ class EditPipeline:
         arrays = sharding.to_host(out)[:len(chunk)]
         return [EditOutput(imlib.from_unit_array(a), a, j.settings) for j, a in zip(chunk, arrays)]
 
+    def edit_local_batch(self, images: Sequence, instructions: Sequence[str], seeds: Sequence[int],
+                         text_scales: Sequence[float], image_scales: Sequence[float], *, steps: int,
+                         sampler: str = "euler_a", schedule: str | None = None) -> np.ndarray:
+        """This process's rows of one global batch -> their edits, float32 (n, H, W, 3) in [0, 1].
+
+        Collective: every process calls it at once with the same number of rows (a multiple of
+        its device count), all images resized already and of one size. Rows stay on their own
+        process (jax.make_array_from_process_local_data; nothing is all-gathered), so a pod's hosts
+        each read and write only their own share. Row i's result depends only on its own inputs
+        and seed, and with a fixed number of rows per device, not on the process or device count.
+        """
+        check_request(steps=steps, text_scale=list(text_scales), image_scale=list(image_scales))
+        plan = self.plan(sampler, steps, schedule)
+        n, local = len(images), self.num_local_devices
+        if n == 0 or n % local or not len(instructions) == len(seeds) == len(text_scales) == len(image_scales) == n:
+            raise EditError(f"edit_local_batch needs one instruction, seed and scale pair per image and a row "
+                            f"count that divides over this process's {local} devices; got {n} images")
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise EditError(f"edit_local_batch: images of one size needed, got {sorted(sizes)}")
+        w, h = sizes.pop()
+        f = self.vae_scale
+        glob = lambda a: sharding.local_to_global(a, self.mesh)  # noqa: E731
+        ids = glob(tokenize(self.tokenizer, list(instructions)))
+        cond = self._local_text_jit(self.params["text"], ids)
+        shape = (h // f, w // f, self.vae_config.latent_channels)
+        init = glob(np.stack([self.initial_noise(int(s), shape) for s in seeds]))
+        pixels = glob(np.stack([imlib.to_model_array(im) for im in images]))
+        rep = sharding.replicated(self.mesh)
+        generic, kind = samplers.generic_plan(plan)
+        out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
+                             sharding.to_global(self.encode_text([""])[0], rep),
+                             glob(np.asarray(seeds, np.uint32)), init,
+                             glob(np.asarray(text_scales, np.float32)), glob(np.asarray(image_scales, np.float32)))
+        return sharding.to_local(out, self.mesh)
+
     # ------------------------------------------------------------------ request -> jobs
 
     def _jobs(self, images, instructions, *, steps, text_scale, image_scale, sampler, schedule, seed,
@@ -328,9 +371,7 @@ class EditPipeline:
         seeds = output_seeds(seed, n, num_samples)
         t_scales, i_scales = _per_item(text_scale, n, "text_scale"), _per_item(image_scale, n, "image_scale")
         if randomize_scales:
-            rng = np.random.default_rng(seeds[0][0])
-            t_scales = [round(float(v), 3) for v in rng.uniform(*RANDOM_TEXT_SCALE, n)]
-            i_scales = [round(float(v), 3) for v in rng.uniform(*RANDOM_IMAGE_SCALE, n)]
+            t_scales, i_scales = random_scales(seeds[0][0], n)
 
         resized: dict[int, tuple] = {}   # the same input object is read and resized once
         jobs = []
@@ -407,6 +448,11 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
                    out_shardings=batch, donate_argnums=donate)
 
 
+def _make_local_text_function(text_encoder, mesh: Mesh):
+    """The text encoder over batch-sharded token ids (each process's own rows)."""
+    return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.batch_sharding(mesh))
+
+
 def _make_autoencode_function(vae):
     return jax.jit(lambda p, x: jnp.clip(
         vae.apply({"params": p}, x.astype(vae.dtype)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
@@ -427,6 +473,14 @@ def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
     if min(flat) < 0 or max(flat) >= SEED_LIMIT:
         raise EditError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
     return seeds
+
+
+def random_scales(seed: int, n: int) -> tuple[list[float], list[float]]:
+    """`randomize_scales`: n text scales in U[6, 9] and n image scales in U[1.2, 1.8] from `seed`
+    (the first output's seed of the request)."""
+    rng = np.random.default_rng(seed)
+    return ([round(float(v), 3) for v in rng.uniform(*RANDOM_TEXT_SCALE, n)],
+            [round(float(v), 3) for v in rng.uniform(*RANDOM_IMAGE_SCALE, n)])
 
 
 def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=7.5,

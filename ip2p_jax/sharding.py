@@ -74,6 +74,13 @@ def local_to_global(local: Any, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
 
 
+def to_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """A batch-sharded global array -> this process's rows (the inverse of local_to_global)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(DATA)))
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array -> the full numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):

@@ -475,3 +475,49 @@ def test_script_generates_and_reports_bad_input(model, sampler, tmp_path, capsys
     with pytest.raises(LayoutError, match="prompt 1: needs text keys"):
         generate_pairs(sampler, [PROMPTS[0], {"input": "a"}], tmp_path / "x", PairSettings(**SMALL), progress=False)
     assert read_prompts(src) == PROMPTS and layout.dir_name(12) == "0000012"
+
+
+PAIR_DEVICES = """
+import json, sys
+import jax
+import numpy as np
+assert jax.device_count() == 4
+from ip2p_jax import sharding
+from ip2p_jax.datagen.image_pairs import PairSampler, injected_steps
+
+def run(mesh):
+    s = PairSampler.from_pretrained(sys.argv[1], dtype="fp32", mesh=mesh)
+    plan, shape = s.plan(4), s.latent_shape(16)
+    noise = np.random.default_rng(1).standard_normal((8,) + shape).astype(np.float32)
+    cond = np.stack([s.encode_text(["a red circle", "a blue circle"])] * 8)
+    args = (plan, noise, np.arange(8, dtype=np.uint32), cond, s.encode_text([""])[0], np.full(8, 7.5, np.float32),
+            np.array([injected_steps(p, 4) for p in np.linspace(0, 1, 8)]))
+    calls = []
+    real = s._generate
+    s._generate = lambda *a: calls.append(a) or real(*a)
+    out = np.asarray(s.generate(*args))
+    cost = real.lower(*calls[0]).compile().cost_analysis()
+    return out, float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+four, f4 = run(None)
+one, f1 = run(sharding.data_mesh(jax.devices()[:1]))
+print("RESULT", json.dumps({"ratio": f4 / f1, "max_diff": float(np.abs(four - one).max()),
+                            "spread": float(np.abs(one - one[::-1]).max())}))
+"""
+
+
+def test_pair_stage_shards_its_batch_over_devices(model, tmp_path):
+    """8 pairs on 4 simulated devices: each device does a quarter of the work, results equal 1 device."""
+    import subprocess
+    import sys
+
+    from train_helpers import subprocess_env
+
+    script = tmp_path / "pairs4.py"
+    script.write_text(PAIR_DEVICES)
+    proc = subprocess.run([sys.executable, str(script), model.folder], env=subprocess_env(devices=4),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert 0.2 <= res["ratio"] <= 0.3, res
+    assert res["max_diff"] <= TOL and res["spread"] > 0.01, res   # equal, and the pairs differ (not vacuous)

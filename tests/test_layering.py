@@ -47,7 +47,8 @@ LAYERS = {
     "datagen": {"models", "weights", "diffusion", "data", "tokenizer", "sharding", "placement", "images",
                 "pipeline", "metrics", "train", "datagen.shapes", "datagen.layout"},
     "demo": {"datagen", "datagen.shapes", "pipeline", "images"},
-    "commands": {"demo", "pipeline", "weights", "diffusion", "images", "sharding", "data", "train"},
+    "edit_job": {"pipeline", "images", "data"},
+    "commands": {"demo", "pipeline", "weights", "diffusion", "images", "sharding", "data", "train", "edit_job"},
     "cli": {"commands", "commands.app"},
     "app": {"commands", "pipeline", "diffusion", "images"},
     "commands.app": {"app", "commands", "pipeline", "images"},
@@ -64,6 +65,7 @@ FUNCTION_LEVEL_EXCEPTIONS = {   # (module, imported module): why it is not at th
     ("ip2p_jax.train.data", "ip2p_jax.data.builder"): "loads TFDS, needed only for data.source='tfds'",
     ("ip2p_jax.train.data", "ip2p_jax.data.pipeline"): "loads TFDS, needed only for data.source='tfds'",
     ("ip2p_jax.datagen.demo_model", "ip2p_jax.data.builder"): "loads TFDS, needed only by the encode stage",
+    ("ip2p_jax.edit_job", "ip2p_jax.data.builder"): "loads TFDS, needed only by --tfds dataset edits",
 }
 # Files other branches of issue 17 are rewriting (their function-level imports move there);
 # the lead empties this set after merging them.

@@ -481,7 +481,7 @@ def test_bad_sources_and_outputs(ip2p_dir, components, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert cli.main(["convert", ip2p_dir, str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not a model folder written by ip2p_jax" in capsys.readouterr().err
 
 
 def test_write_is_atomic(components, tmp_path, monkeypatch):
@@ -489,7 +489,7 @@ def test_write_is_atomic(components, tmp_path, monkeypatch):
     import ip2p_jax.weights.diffusers_folder as df
 
     out = tmp_path / "model"
-    out.mkdir()
+    save_diffusers_folder(components, str(out))     # an earlier export (ours: it may be replaced)
     (out / "keep.txt").write_text("precious")
     calls = []
 
@@ -500,7 +500,7 @@ def test_write_is_atomic(components, tmp_path, monkeypatch):
         return write_safetensors(state, path, metadata)
 
     monkeypatch.setattr(df, "write_safetensors", failing_write)
-    with pytest.raises(OSError):
+    with pytest.raises(WeightsError, match="No space left on device"):
         save_diffusers_folder(components, str(out), overwrite=True)
     assert os.listdir(tmp_path) == ["model"] and (out / "keep.txt").read_text() == "precious"
     monkeypatch.undo()

@@ -5,9 +5,9 @@ SOURCE is a diffusers folder, a single-file .ckpt/.safetensors in the original l
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from ip2p_jax.weights import WeightsError, expand_conv_in, load, save_diffusers_folder
+from ip2p_jax.weights.output_folder import check_output_folder
 
 
 def add_arguments(parser) -> None:
@@ -27,14 +27,14 @@ def add_arguments(parser) -> None:
                              "and scheduler to use (default: Stable Diffusion 1.5, in_channels from the file)")
     parser.add_argument("--tokenizer", metavar="FOLDER",
                         help="single files: tokenizer folder (default: --config's, else CLIP ViT-L/14 from the hub)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is a model folder written by ip2p_jax (atomically)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow .ckpt/.bin pickles holding Python objects besides tensors (runs their code)")
 
 
 def run(args) -> int:
-    if os.path.exists(args.out) and not args.overwrite:
-        raise WeightsError(f"{args.out}: already exists (choose another output, or --overwrite)")
+    check_output_folder(args.out, overwrite=args.overwrite)   # before loading anything
     try:
         components = load(args.source, dtype=args.dtype, variant=args.variant, config=args.config,
                           prefer_ema=not args.no_ema, tokenizer=args.tokenizer, trust_pickle=args.trust_pickle,

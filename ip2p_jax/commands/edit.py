@@ -19,10 +19,13 @@ import random
 import re
 import sys
 
-from ip2p_jax import demo, files, images, sharding
+import jax
+
+from ip2p_jax import demo, edit_job, files, images, sharding
+from ip2p_jax.commands import distributed
 from ip2p_jax.diffusion import make_plan
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.pipeline import EditPipeline, check_request
+from ip2p_jax.pipeline import PER_DEVICE_BATCH, EditPipeline, check_request, output_seeds, random_scales
 from ip2p_jax.progress import progress
 
 
@@ -48,10 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "skipped), 1 when nothing could be edited, 2 for a usage error.")
 
     p.add_argument("--model", help="diffusers folder, single checkpoint file or hub id (default: the demo model)")
-    p.add_argument("--image", nargs="+", required=True, metavar="PATH",
-                   help="image files, folders (their images) or glob patterns")
-    p.add_argument("--instruction", action="append", required=True, metavar="TEXT",
+    p.add_argument("--image", nargs="+", metavar="PATH",
+                   help="image files, folders (their images) or glob patterns (decoded as their batch is reached)")
+    p.add_argument("--instruction", action="append", metavar="TEXT",
                    help="the edit, e.g. 'make it winter' (repeat for several; '' returns the input)")
+    p.add_argument("--manifest", metavar="FILE.jsonl",
+                   help="dataset edit: one JSON object per line (image, instruction; optional seed, text_scale, "
+                        "image_scale, id); writes OUT/<id>.png + .json, resumable; see docs/editing.md")
+    p.add_argument("--tfds", metavar="DATA_DIR:NAME/SPLIT",
+                   help="dataset edit of an edit-pairs TFDS split: its input images with its instructions")
+    p.add_argument("--strict", action="store_true", help="dataset edit: stop at the first bad row")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampler steps (default: {DEFAULT_STEPS}; {DEMO_STEPS} for the demo model)")
@@ -82,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compilation-cache", metavar="DIR", nargs="?", const="",
                    help="keep compiled edits on disk (default dir: $IP2P_JAX_COMPILATION_CACHE or ~/.cache/ip2p_jax/xla)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
 
 
 def find_demo_model() -> str | None:
@@ -97,9 +107,12 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "input"
 
 
-def write_result(directory: str, stem: str, image, settings: dict) -> str:
+def write_result(directory: str, stem: str, image, settings: dict) -> str | None:
     """Write `image` as a PNG under a name no file in `directory` has (`stem.png`, `stem-1.png`, ...),
-    claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites."""
+    claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites.
+    Multi-process (`--image` with the launch flags: every process receives every result): process 0 writes."""
+    if jax.process_index() != 0:
+        return None
     n = 0
     while True:
         path = os.path.join(directory, f"{stem}{'' if n == 0 else f'-{n}'}.png")
@@ -160,6 +173,17 @@ def default_steps(is_demo: bool) -> int:
 
 
 def run(args) -> int:
+    distributed.init_distributed(args)   # before anything touches a JAX backend
+    job = args.manifest is not None or args.tfds is not None
+    if sum(x is not None for x in (args.image, args.manifest, args.tfds)) != 1:
+        raise EditUsageError("give exactly one of --image, --manifest and --tfds")
+    if job and (args.instruction or args.grid or args.num_samples != 1 or args.randomize_scales):
+        raise EditUsageError("--manifest / --tfds rows carry their own instructions and seeds: --instruction, "
+                             "--grid, --num-samples and --randomize-scales do not apply")
+    if not job and not args.instruction:
+        raise EditUsageError("--image needs at least one --instruction")
+    if args.strict and not job:
+        raise EditUsageError("--strict applies to --manifest / --tfds")
     model, is_demo = choose_model(args.model)
     steps = args.steps if args.steps is not None else default_steps(is_demo)
     if steps < 1 or args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
@@ -170,6 +194,8 @@ def run(args) -> int:
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
+    if job:
+        rows, bad = _job_rows(args)   # a bad manifest or dataset is reported before any model is loaded
 
     if args.compilation_cache is not None:
         sharding.enable_compilation_cache(args.compilation_cache or None)
@@ -180,20 +206,23 @@ def run(args) -> int:
              else "--model", steps,
              f", resolution {resolution} (the model's native size; --resolution to change)"
              if args.resize == "authors" and args.resolution is None else "")
+    if job:
+        return _run_job(pipe, rows, bad, args, steps, resolution)
 
-    # Read and check every input before any compile: a bad one is reported and skipped, the others go on.
+    # Check every input from its header before any compile (a bad one is reported and skipped, the
+    # others go on); pixels are decoded only when their batch is reached.
     paths = images.expand_paths(args.image)
-    loaded, failed = [], []
+    ok, failed = [], []
     for path in paths:
         try:
-            img = images.load_image(path, max_pixels=args.max_pixels)
-            images.edit_size(img.size, mode=args.resize, resolution=resolution, name=path,
+            size = images.probe_size(path, max_pixels=args.max_pixels)
+            images.edit_size(size, mode=args.resize, resolution=resolution, name=path,
                              max_edit_pixels=args.max_edit_pixels)
-            loaded.append((path, img))
+            ok.append(path)
         except images.ImageError as e:
             failed.append(path)
             _warn(f"skipping {e}")
-    if not loaded:
+    if not ok:
         _warn(f"nothing to edit: none of the {len(paths)} input(s) can be edited")
         return 1
 
@@ -203,7 +232,8 @@ def run(args) -> int:
                   resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels,
                   max_edit_pixels=args.max_edit_pixels)
     try:
-        n_written = _run_grid(pipe, loaded, args, common) if args.grid else _run_edits(pipe, loaded, args, common)
+        run_fn = _run_grid if args.grid else _run_edits
+        n_written = run_fn(pipe, ok, args, common, failed)
     finally:
         if created and not os.listdir(args.out):   # a failed run leaves no empty folder behind
             os.rmdir(args.out)
@@ -215,29 +245,93 @@ def run(args) -> int:
     return 0 if n_written else 1
 
 
-def _run_edits(pipe, loaded, args, common) -> int:
-    pairs = [(path, img, text) for path, img in loaded for text in args.instruction]
+def _job_rows(args):
+    if args.manifest is None:
+        return edit_job.tfds_rows(args.tfds, base_seed=args.seed or 0), []
+    rows, bad = edit_job.read_manifest(args.manifest, base_seed=args.seed or 0)
+    if args.strict and bad:
+        raise edit_job.JobError(f"{args.manifest}: bad row (--strict): {bad[0]}")
+    return rows, bad
+
+
+def _run_job(pipe, rows, bad, args, steps, resolution) -> int:
+    summary = edit_job.run_job(pipe, rows, args.out, steps=steps, sampler=args.sampler, schedule=args.schedule,
+                               text_scale=args.text_scale, image_scale=args.image_scale, resolution=resolution,
+                               resize=args.resize, bad=bad, strict=args.strict,
+                               rows_are_local=args.tfds is not None, max_pixels=args.max_pixels,
+                               max_edit_pixels=args.max_edit_pixels, show_progress=not args.quiet)
+    done, skipped, n_failed = edit_job.total_summary(summary)   # each process has logged its own report
+    if summary.process == 0:
+        who = f"all {summary.processes} processes: " if summary.processes > 1 else ""
+        print(f"{who}{done} done, {skipped} skipped, {n_failed} failed; results in {args.out}")
+    return 0 if done + skipped else 1
+
+
+def _load_resized(path: str, args, common, failed: list):
+    """(input size, the image the model edits) of one input, or None (reported) if it cannot be read."""
+    try:
+        rgb = images.load_image(path, max_pixels=args.max_pixels)
+    except images.ImageError as e:
+        failed.append(path)
+        _warn(f"skipping {e}")
+        return None
+    return rgb.size, images.resize_for_edit(rgb, mode=common["resize"], resolution=common["resolution"], name=path,
+                                            max_edit_pixels=common["max_edit_pixels"])
+
+
+def _run_edits(pipe, paths, args, common, failed) -> int:
+    """Inputs are decoded a chunk at a time (one compiled call's worth), so memory does not grow
+    with the number of inputs; seeds and random scales are those of one call over all of them."""
+    texts = args.instruction
+    n_pairs = len(paths) * len(texts)
+    base = output_seeds(args.seed, 1, 1)[0][0]
+    scales = random_scales(base, n_pairs) if args.randomize_scales else None
+    per_call = common["batch_size"] or PER_DEVICE_BATCH * pipe.num_devices
+    chunk_inputs = max(1, per_call // (len(texts) * args.num_samples))
     n = 0
-    with progress(total=len(pairs) * args.num_samples, desc="editing", unit="img", enabled=not args.quiet) as bar:
-        for out in pipe.iter_edit([img for _, img, _ in pairs], [t for _, _, t in pairs],
-                                  text_scale=args.text_scale, image_scale=args.image_scale, seed=args.seed,
-                                  num_samples=args.num_samples, randomize_scales=args.randomize_scales,
-                                  names=[p for p, _, _ in pairs], **common):
-            path, _, text = pairs[out.settings["pair_index"]]
-            stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{out.settings['seed']}"
-            write_result(args.out, stem, out.image, sidecar(path, pipe.source, out.settings))
-            n += 1
-            bar.update(1)
+    with progress(total=n_pairs * args.num_samples, desc="editing", unit="img", enabled=not args.quiet) as bar:
+        for start in range(0, len(paths), chunk_inputs):
+            loaded = [(i, p, _load_resized(p, args, common, failed))
+                      for i, p in enumerate(paths[start:start + chunk_inputs], start)]
+            pairs = [(i * len(texts) + t, p, got, text) for i, p, got in loaded if got is not None
+                     for t, text in enumerate(texts)]
+            if not pairs:
+                continue
+            kw = {}
+            if scales is not None:
+                kw = dict(text_scale=[scales[0][g] for g, *_ in pairs], image_scale=[scales[1][g] for g, *_ in pairs])
+            for out in pipe.iter_edit([got[1] for _, _, got, _ in pairs], [text for *_, text in pairs],
+                                      text_scale=kw.get("text_scale", args.text_scale),
+                                      image_scale=kw.get("image_scale", args.image_scale),
+                                      seed=[base + g * args.num_samples for g, *_ in pairs],
+                                      num_samples=args.num_samples, names=[p for _, p, _, _ in pairs], **common):
+                g, path, got, text = pairs[out.settings["pair_index"]]
+                settings = dict(out.settings, index=g * args.num_samples + out.settings["sample_index"],
+                                pair_index=g, input_size=list(got[0]))
+                if scales is not None:
+                    settings["randomized_scales"] = True
+                stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{settings['seed']}"
+                write_result(args.out, stem, out.image, sidecar(path, pipe.source, settings))
+                n += 1
+                bar.update(1)
+            loaded = pairs = got = None   # drop this chunk's images before the next is decoded
     return n
 
 
-def _run_grid(pipe, loaded, args, common) -> int:
+def _run_grid(pipe, paths, args, common, failed) -> int:
     n = 0
-    jobs = [(path, img, text) for path, img in loaded for text in args.instruction]
-    for path, img, text in progress(jobs, desc="grids", unit="grid", enabled=not args.quiet):
+    jobs = [(path, text) for path in paths for text in args.instruction]
+    img = last = None
+    for path, text in progress(jobs, desc="grids", unit="grid", enabled=not args.quiet):
+        if path != last:   # one input decoded at a time
+            got, last = _load_resized(path, args, common, failed), path
+            in_size, img = got if got else (None, None)
+        if img is None:
+            continue
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
         grid, settings, _ = sweep_grid(pipe, img, text, args.text_scales, args.image_scales, seed,
                                        name=path, **common)
+        settings["input_size"] = list(in_size)
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
         write_result(args.out, stem, grid, settings)
         n += 1

@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-
-from ip2p_jax.errors import Ip2pError
+from ip2p_jax.commands import distributed
 from ip2p_jax.train.configs import apply_overrides, load_config, split_overrides
-
-
-class TrainCommandError(Ip2pError):
-    """Command-line settings of `ip2p train` that do not go together."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ml_collections config file and preset, e.g. configs/train.py:sd15; "
                              "override any setting with --config.key=value")
     parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs and the export go here")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() (cluster auto-detection) before training")
-    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host without a cluster)")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    distributed.add_arguments(parser)
     # `--config.a.b=v` tokens are not argparse options: collect them before argparse sees the rest.
     parse_known = parser.parse_known_args
 
@@ -39,15 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
-def init_distributed(args) -> None:
-    if args.coordinator or args.num_processes:
-        if not (args.coordinator and args.num_processes and args.process_id is not None):
-            raise TrainCommandError("--coordinator, --num_processes and --process_id go together")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
-
-
 def run(args) -> int:
     # the training loop loads orbax, which installs a root logging handler on import: this command only
     from ip2p_jax.train.loop import show_progress_logs, train
@@ -55,7 +36,7 @@ def run(args) -> int:
     show_progress_logs()   # the progress lines are log records (unless the CLI has set up logging)
 
     config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
-    init_distributed(args)
+    distributed.init_distributed(args)
     result = train(config, args.workdir)
     if result.preempted:
         print(f"stopped at step {result.step}; run the same command again to resume")

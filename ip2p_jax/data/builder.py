@@ -35,6 +35,7 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.data import leftovers
 from ip2p_jax.data import sources as src
 from ip2p_jax.progress import progress
 
@@ -322,12 +323,18 @@ def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None,
     name = _check_name(name or fmt)
     source_obj = src.open_source(fmt, source)
     final = dataset_dir(data_dir, name)
+    _prepare_data_dir(data_dir)
+    leftovers.clean_builds(data_dir)
+    leftovers.recover_old(data_dir, name, final)
     if os.path.exists(final) and not overwrite:
         raise BuildError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    os.makedirs(data_dir, exist_ok=True)
     report = BuildReport(path=final, source=os.fspath(source), format=fmt)
-    tmp_root = tempfile.mkdtemp(prefix=f".build-{name}-", dir=data_dir)
+    try:
+        tmp_root = tempfile.mkdtemp(prefix=f".build-{name}-", dir=data_dir)
+        leftovers.write_owner(tmp_root)
+    except OSError as e:
+        raise BuildError(f"{data_dir}: cannot write the build there ({e.strerror or e})") from None
     start = time.perf_counter()
     try:
         with _quiet_tfds():
@@ -349,14 +356,28 @@ def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(built, final)
+    except OSError as e:   # full disk, read-only folder, ...: one line naming the path
+        raise BuildError(f"{e.filename or data_dir}: the dataset build failed ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return report
 
 
+def _prepare_data_dir(data_dir: str) -> None:
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        raise BuildError(f"--data-dir {data_dir}: exists and is not a folder")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"--data-dir {data_dir}: cannot create the folder ({e.strerror or e})") from None
+
+
 def open_dataset(path: str, name: str | None = None):
     """A read-only TFDS builder: `open_dataset(data_dir, name)` or `open_dataset(version_dir)`."""
     version_dir = dataset_dir(path, name) if name else os.fspath(path)
+    parts = os.path.abspath(version_dir).split(os.sep)
+    if len(parts) > 3 and parts[-1] == VERSION and parts[-3] == DATASET:   # an interrupted --overwrite?
+        leftovers.recover_old(os.sep.join(parts[:-3]) or os.sep, parts[-2], os.path.abspath(version_dir))
     if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
         raise BuildError(f"{version_dir}: no built dataset here (expected dataset_info.json; build it with "
                          "scripts/build_tfds.py)")

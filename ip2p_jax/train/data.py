@@ -50,8 +50,12 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
                                 flip_prob=0.5 if d.flip else 0.0, random=not validation)
         cfg = PipelineConfig(split=split, global_batch_size=batch, seed=config.seed, augment=augment,
                              shuffle=not validation, worker_count=d.workers)
-        return EditPairPipeline(open_dataset(d.path, d.name or None), tokenizer, cfg,
-                                process_index=pi, process_count=pc)
+        builder = open_dataset(d.path, d.name or None)
+        if split not in builder.info.splits:
+            key = "validation_split" if validation else "split"
+            raise DataConfigError(f"--config.data.{key}={split!r}: the dataset {builder.data_dir} has no such split "
+                                  f"(it has {', '.join(sorted(builder.info.splits)) or 'none'})")
+        return EditPairPipeline(builder, tokenizer, cfg, process_index=pi, process_count=pc)
     if d.source == "latent_cache":
         return LatentCacheReader(d.path, global_batch_size=batch, seed=config.seed, shuffle=not validation,
                                  process_index=pi, process_count=pc)

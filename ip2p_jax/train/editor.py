@@ -19,10 +19,13 @@ from ip2p_jax.weights import save_diffusers_folder
 log = logging.getLogger(__name__)
 
 
-def export_editor(built: Built, ema_params: Any, out_dir: str, text_params: Any = None) -> str:
-    """Write the EMA weights (+ frozen parts) as a complete diffusers folder (process 0)."""
+def export_editor(built: Built, ema_params: Any, out_dir: str, text_params: Any = None, *, overwrite: bool = True,
+                  protect: tuple = ()) -> str:
+    """Write the EMA weights (+ frozen parts) as a complete diffusers folder (process 0). The target
+    must be new, empty or an earlier export (`overwrite`), outside `protect`; NaN weights are refused."""
     if jax.process_index() == 0:
-        save_diffusers_folder(export_components(built, ema_params, text_params), out_dir, overwrite=True)
+        save_diffusers_folder(export_components(built, ema_params, text_params), out_dir, overwrite=overwrite,
+                              protect=protect)
         log.info("exported the EMA weights to %s", out_dir)
     return out_dir
 

@@ -15,6 +15,7 @@ from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.build import build
 from ip2p_jax.train.checkpoint import Checkpointer
 from ip2p_jax.train.editor import export_editor
+from ip2p_jax.weights.output_folder import check_output_folder
 
 
 class ExportError(Ip2pError):
@@ -46,8 +47,12 @@ def read_ema(workdir: str, abstract_params: Any, step: Optional[int] = None) -> 
     return jax.device_get(restored["ema_params"]), step
 
 
-def export_run(workdir: str, out: str, *, step: Optional[int] = None) -> str:
+def export_run(workdir: str, out: str, *, step: Optional[int] = None, overwrite: bool = False) -> str:
+    """Refuses (before loading anything) a target that is not new, empty or an earlier export
+    (`overwrite`), and non-finite weights (see weights/output_folder.py)."""
     workdir = os.path.abspath(workdir)
-    built = build(read_run_config(workdir))
+    check_output_folder(out, overwrite=overwrite, protect=[workdir])
+    config = read_run_config(workdir)
+    built = build(config)
     ema, _ = read_ema(workdir, built.params, step)
-    return export_editor(built, ema, out)
+    return export_editor(built, ema, out, overwrite=overwrite, protect=[workdir])

@@ -31,6 +31,9 @@ from ip2p_jax.train.editor import editor_task
 from ip2p_jax.train.parallel import fetch, make_runner
 from ip2p_jax.train.state import OptimizerConfig, abstract_train_state, learning_rate_schedule, make_optimizer
 from ip2p_jax.train.task import Task
+from ip2p_jax.train.workdir import (WorkdirLock, config_differences, config_json, make_workdir, read_config,
+                                   write_config)
+from ip2p_jax.weights.output_folder import check_output_folder
 
 log = logging.getLogger("ip2p_jax.train")
 TASKS = {"editor": editor_task, "autoencoder": autoencoder_task}
@@ -75,13 +78,41 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# (section.key, least value, only when) of the counts a run reads; checked before anything is built
+COUNTS = (("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.num_steps", 0, None),
+          ("train.max_nonfinite_steps", 0, None), ("checkpoint.every_steps", 0, None), ("checkpoint.keep", 1, None),
+          ("log.every_steps", 0, None), ("log.sample_every_steps", 0, None),
+          ("log.num_samples", 1, "log.sample_every_steps"), ("log.sample_steps", 1, "log.sample_every_steps"),
+          ("data.num_examples", 0, None), ("data.workers", 0, None), ("data.resolution", 1, None),
+          ("parallel.fsdp", 1, None))
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "get") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_counts(config) -> None:
+    """Counts and sizes out of range -> TrainingStopped naming the --config key."""
+    for key, least, when in COUNTS:
+        value = _get(config, key)
+        if value is None or (when and not _get(config, when)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise TrainingStopped(f"--config.{key}={value!r}: must be an integer >= {least}")
+
+
 def check_batch(config, num_devices: int) -> None:
     b, k = config.train.batch_size, config.train.grad_accum
     if b % (k * num_devices):
-        raise TrainingStopped(f"train.batch_size={b} must be a multiple of grad_accum ({k}) x devices "
+        raise TrainingStopped(f"--config.train.batch_size={b}: must be a multiple of grad_accum ({k}) x devices "
                               f"({num_devices}) = {k * num_devices}")
     if b % jax.process_count():
-        raise TrainingStopped(f"train.batch_size={b} does not split over {jax.process_count()} processes")
+        raise TrainingStopped(f"--config.train.batch_size={b}: does not split over {jax.process_count()} processes")
 
 
 class StopFlag:
@@ -139,13 +170,13 @@ class MetricLog:
         self.last = scalars
         self.window.append(scalars)
         if not scalars["finite"]:
-            log.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, "
-                        "%d in all)", step, scalars["loss"], scalars["grad_norm"], scalars["nonfinite_run"],
+            log.warning("step %d: non-finite loss (%s), gradient norm (%s) or update; update skipped (%d in a "
+                        "row, %d in all)", step, scalars["loss"], scalars["grad_norm"], scalars["nonfinite_run"],
                         scalars["nonfinite_total"])
         if self.max_nonfinite and scalars["nonfinite_run"] >= self.max_nonfinite:
             raise TrainingStopped(f"{scalars['nonfinite_run']} steps in a row (up to step {step}) had a non-finite "
-                                  f"loss or gradient; stopping. Params, optimizer and EMA keep their last finite "
-                                  f"update; lower optim.learning_rate or check the data, then resume.")
+                                  f"loss, gradient or update; stopping. Params, optimizer and EMA keep their last "
+                                  f"finite update; lower optim.learning_rate or check the data, then resume.")
         if step % self.every == 0 or step == self.total:
             self.flush(step, now)
 
@@ -185,14 +216,22 @@ class MetricLog:
         self.window, self.t_last, self.last_logged = [], now, step
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def _restore_error(workdir: str, step: int, saved: Optional[dict], config, e: Exception) -> TrainingStopped:
+    """A failed restore, told as the settings that differ from the checkpoint's run (not orbax's message)."""
+    diffs = config_differences(saved, config_json(config)) if saved is not None else []
+    model = [d for d in diffs if d.startswith(("model.", "task"))]
+    if model:
+        return TrainingStopped(f"{workdir}: cannot resume from checkpoint step {step}: it was written with other "
+                               f"model settings ({'; '.join(model[:8])}); go on with the run's own settings "
+                               f"({workdir}/config.json) or use a new --workdir")
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    changed = f"; settings changed since: {'; '.join(diffs[:8])}" if diffs else ""
+    return TrainingStopped(f"{workdir}: cannot resume from checkpoint step {step} ({type(e).__name__}: "
+                           f"{first}){changed}")
+
+
+def _export_dir(config, workdir: str) -> str:
+    return config.export.dir or os.path.join(workdir, "export")
 
 
 def task_for(config) -> Task:
@@ -203,9 +242,18 @@ def task_for(config) -> Task:
 
 
 def train(config, workdir: str, task: Optional[Task] = None, *, return_state: bool = False) -> RunResult:
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    """Checks the settings, the workdir (process 0 locks it) and the export folder before building anything;
+    writes config.json once the checkpoint (if any) has been restored."""
+    check_counts(config)
+    workdir = make_workdir(workdir)
+    with WorkdirLock(workdir):
+        return _train(config, workdir, task, return_state)
+
+
+def _train(config, workdir: str, task: Optional[Task], return_state: bool) -> RunResult:
+    exporting = config.export.at_end and config.get("task", "editor") == "editor"
+    if exporting and jax.process_index() == 0:   # a folder of the user's files is refused now, not at the end
+        check_output_folder(_export_dir(config, workdir), overwrite=True, protect=[workdir])
     task = task or task_for(config)
     for note in task.notes:
         _say(note)
@@ -223,13 +271,21 @@ def train(config, workdir: str, task: Optional[Task] = None, *, return_state: bo
     data = task.make_data() if task.make_data else make_train_data(config, task.tokenizer)
     start = ckpt.latest_step()
     if start is not None:
-        restored, data_state = ckpt.restore(start, runner.restore_target(abstract_train_state(task.abstract_params,
-                                                                                              tx)))
+        try:
+            restored, data_state = ckpt.restore(start, runner.restore_target(
+                abstract_train_state(task.abstract_params, tx)))
+        except Ip2pError:
+            ckpt.close()
+            raise
+        except Exception as e:   # orbax's shape / structure mismatch: say which settings changed
+            ckpt.close()
+            raise _restore_error(workdir, start, read_config(workdir), config, e) from e
         state = runner.from_global(restored)
         data.set_state(data_state)
         _say(f"resumed from {ckpt.directory}/{start}")
     else:
         state, start = runner.init_state(task.init_params(), config.seed), 0
+    write_config(config, workdir)   # only now: a failed resume leaves the run's config.json as it was
     frozen = runner.put_frozen(task.frozen)
 
     writer = None
@@ -243,6 +299,14 @@ def train(config, workdir: str, task: Optional[Task] = None, *, return_state: bo
                             os.path.join(workdir, "metrics.jsonl"), bar=bar)
     sampler = None
     sample_every = config.log.sample_every_steps
+    if sample_every and start < t.num_steps and sample_every <= t.num_steps and task.make_sampler is not None:
+        try:   # reads the validation split now: a missing one is an error before step 1, not at the first sample
+            sampler = task.make_sampler(writer)
+        except BaseException:
+            bar.close()
+            ckpt.close()
+            getattr(data, "close", lambda: None)()
+            raise
     step, pending, preempted = start, None, False
     _say(f"training steps {start}..{t.num_steps} on {runner.num_devices} devices ({runner.mode}), "
          f"global batch {t.batch_size} = {t.grad_accum} x {t.batch_size // t.grad_accum}")
@@ -282,6 +346,6 @@ def train(config, workdir: str, task: Optional[Task] = None, *, return_state: bo
 
     export_dir = None
     if not preempted and step >= t.num_steps and config.export.at_end and task.export:
-        export_dir = task.export(runner.to_global(state), config.export.dir or os.path.join(workdir, "export"))
+        export_dir = task.export(runner.to_global(state), _export_dir(config, workdir))
     return RunResult(step=step, preempted=preempted, export_dir=export_dir, metrics=metrics_log.last,
                      state=fetch(runner.to_global(state)) if return_state else None)

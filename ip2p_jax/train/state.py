@@ -28,7 +28,7 @@ class TrainState:
     opt_state: Any              # AdamW state of ravel(params): flat fp32 vectors (see `ravel`)
     ema_params: Any             # EMA of `params`, fp32
     rng: jax.Array              # uint32[2] root key data (jax.random.wrap_key_data: the typed key)
-    nonfinite_run: jax.Array    # int32: consecutive steps skipped for a non-finite loss/gradient
+    nonfinite_run: jax.Array    # int32: consecutive steps skipped (non-finite loss, gradient or update)
     nonfinite_total: jax.Array  # int32: all skipped steps
 
 

@@ -4,8 +4,9 @@ Per example: VAE-encode the edited image (posterior sample x scaling_factor) and
 (posterior mode, unscaled), encode the instruction, apply conditioning dropout, add noise at a
 uniform timestep, and regress eps (or v) with an MSE. Gradients are accumulated over
 `grad_accum` micro-batches, averaged over devices (lax.pmean under pmap; the jit path sees the
-global batch), clipped and applied by AdamW; the EMA follows. A non-finite loss or gradient
-norm skips the update (params, optimizer state and EMA unchanged) and is counted.
+global batch), clipped and applied by AdamW; the EMA follows. A non-finite loss, gradient
+norm, new params, optimizer state or EMA skips the update (params, optimizer state and EMA
+unchanged, so a checkpoint is always finite) and is counted.
 
 Randomness is per example: keys are folded from (state.rng, state.step, batch['example_id']), so
 the same global batch gives the same noise, timesteps and dropout however it is split over
@@ -126,6 +127,15 @@ def make_loss_fn(models: Models, cfg: StepConfig) -> Callable:
     return loss_fn
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (a scalar bool; True for no such leaf)."""
+    ok = jnp.bool_(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
+
+
 def micro_batches(batch: dict, k: int) -> dict:
     """(B, ...) -> (k, B/k, ...); micro-batch j holds examples j, j+k, ... so a batch sharded on its
     leading axis splits without moving data between devices."""
@@ -187,11 +197,14 @@ def make_update_step(loss_fn: Callable, cfg: StepConfig, tx: optax.GradientTrans
 
         flat_params = ravel(state.params)
         grad_norm = jnp.sqrt(jnp.sum(jnp.square(flat_grads)))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(flat_grads, state.opt_state, flat_params)
-        params = unravel_like(flat_params + updates, state.params)
+        new_flat = flat_params + updates
+        params = unravel_like(new_flat, state.params)
         n = state.updates + 1
         ema = ema_update(state.ema_params, params, n, cfg.ema_decay)
+        # the update itself is checked too (a NaN learning rate gives finite loss and gradient, NaN params)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(new_flat))
+                  & all_finite(opt_state) & all_finite(ema))
 
         def pick(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -207,7 +220,7 @@ def make_update_step(loss_fn: Callable, cfg: StepConfig, tx: optax.GradientTrans
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "param_norm": jnp.sqrt(jnp.sum(jnp.square(jnp.where(finite, flat_params + updates, flat_params)))),
+            "param_norm": jnp.sqrt(jnp.sum(jnp.square(jnp.where(finite, new_flat, flat_params)))),
             "learning_rate": lr_schedule(state.updates),
             "finite": finite.astype(jnp.int32),
             "nonfinite_run": new_state.nonfinite_run,

@@ -8,10 +8,7 @@ step) lives in orbax checkpoints, not here.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from typing import Iterable
 
@@ -23,6 +20,7 @@ from ip2p_jax.tokenizer import TokenizerError, load_tokenizer
 from ip2p_jax.weights.components import SPECS, Components, align_optional_prefix, cast_params
 from ip2p_jax.weights.io import find_weights, read_json, read_state_dict, write_json, write_safetensors
 from ip2p_jax.weights.naming import WeightsError, flax_to_torch, torch_to_flax
+from ip2p_jax.weights.output_folder import atomic_folder, check_finite  # noqa: F401 (atomic_folder: re-export)
 
 FOLDER_LAYOUT = ("model_index.json, unet/, vae/, text_encoder/ (each with config.json and weights), "
                  "tokenizer/, scheduler/")
@@ -154,53 +152,36 @@ def model_index(components: Components) -> dict:
     }
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str, overwrite: bool = False):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
-
-    A crash leaves `path` as it was (and at worst a `.<name>.tmp-*` folder beside it).
-    """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise WeightsError(f"{path}: already exists (choose another output, or overwrite=True / --overwrite)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rename(path, os.path.join(old, "x"))
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def _leaf_values(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaf_values(v)
+    else:
+        yield tree
 
 
 def save_diffusers_folder(components: Components, path: str, *, dtype=None, overwrite: bool = False,
-                          progress: bool = False) -> str:
+                          progress: bool = False, protect: Iterable[str] = ()) -> str:
     """Write `components` as a diffusers pipeline folder (atomically); returns the folder.
 
     `dtype` (None: as they are) casts the params written. The tokenizer must be a transformers
-    tokenizer (save_pretrained).
+    tokenizer (save_pretrained). What the target may be, and `overwrite` / `protect`: see
+    output_folder.py. Non-finite weights are refused before anything is written.
     """
     if components.tokenizer is None:
         raise WeightsError(f"{path}: cannot write a complete model folder without a tokenizer")
-    with atomic_folder(path, overwrite=overwrite) as tmp:
+    params_all = components.params()
+    if dtype is not None:
+        params_all = {k: cast_params(v, dtype) for k, v in params_all.items()}
+    check_finite(params_all, os.path.abspath(path))
+    need = sum(np.asarray(x).nbytes for tree in params_all.values() for x in _leaf_values(tree))
+    with atomic_folder(path, overwrite=overwrite, protect=protect, need_bytes=need) as tmp:
         for name in _progress(list(SPECS) + ["tokenizer", "scheduler"], f"writing {os.path.basename(path)}",
                               progress):
             sub = os.path.join(tmp, name)
             os.makedirs(sub)
             if name in SPECS:
-                params = components.params()[name]
-                if dtype is not None:
-                    params = cast_params(params, dtype)
+                params = params_all[name]
                 write_json(config_dict(name, components.configs()[name]), os.path.join(sub, "config.json"))
                 write_safetensors(params_to_state(params, name),
                                   os.path.join(sub, SPECS[name].weights_stem + ".safetensors"))
