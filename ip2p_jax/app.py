@@ -280,13 +280,13 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                         f"{limits.max_sweep_cells} cells.")
             w_steps, w_res, w_sampler, w_seed, w_rand = common_inputs()
             with gr.Row():
-                text_scales = gr.Textbox(value="3, 5, 7.5, 10", label="Text scales")
-                image_scales = gr.Textbox(value="1, 1.5, 2", label="Image scales")
+                text_scales = gr.Textbox(value="3, 5, 7.5, 10", label="Text scales", elem_id="text_scales")
+                image_scales = gr.Textbox(value="1, 1.5, 2", label="Image scales", elem_id="image_scales")
             go_sweep = gr.Button("Sweep", variant="primary", elem_id="sweep")
             with gr.Row():
                 grid = gr.Image(type="pil", label="Sweep", interactive=False, format="png", elem_id="grid")
                 grid_files = gr.File(label="Downloads: grid PNG + settings (JSON)", file_count="multiple",
-                                     interactive=False)
+                                     interactive=False, elem_id="grid_downloads")
 
             def run_sweep(path, text, n, res, smp, sd, rs, tss, iss):
                 img = load_upload(path, limits)

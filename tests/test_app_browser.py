@@ -8,6 +8,7 @@ Needs playwright (python) and /usr/bin/chromium (`apt-get install chromium`); sk
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -100,6 +101,24 @@ def test_upload_generate_download(page, server, tmp_path):
     body = page.evaluate("src => fetch(src).then(r => r.arrayBuffer()).then(b => Array.from(new Uint8Array(b)))",
                          page.locator("#result img").get_attribute("src"))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(bytes(body))).convert("RGB")), out)
+
+
+def test_guidance_sweep(page, tmp_path):
+    """After test_upload_generate_download (the example is still uploaded): a 2x1 sweep."""
+    page.get_by_role("tab", name="Guidance sweep").click()
+    page.fill("#text_scales textarea", "3, 9")
+    page.fill("#image_scales textarea", "1.5")
+    page.click("#sweep")
+    page.wait_for_selector("#grid img")
+    link = page.locator('#grid_downloads a[download$=".json"]').first
+    with page.expect_download() as dl:
+        link.click()
+    dl.value.save_as(tmp_path / "grid.json")
+    meta = json.loads((tmp_path / "grid.json").read_text())
+    assert meta["grid"] == {"rows_image_scale": [1.5], "columns_text_scale": [3.0, 9.0]}
+    assert meta["steps"] == 2 and meta["input"] == "shapes_0.png"
+    width = page.locator("#grid img").evaluate("img => img.naturalWidth")
+    assert width > 2 * 64
 
 
 def test_bad_upload_shows_an_error_not_a_traceback(page, server, tmp_path):
