@@ -45,6 +45,7 @@ class AppError(Ip2pError):
 
 
 def require_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # a local tool: no usage reports
     try:
         import gradio  # optional heavy dependency (the [app] extra)
     except ImportError:

@@ -103,7 +103,7 @@ def test_generate_returns_png_and_the_edit_sidecar(pipe, tmp_path):
         assert meta["seed"] == 11 + k and meta["steps"] == fx.STEPS and meta["input"] == "cat.png"
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(out.image))
     again = app.generate(pipe, img, fx.INSTRUCTION, LIMITS, str(tmp_path), seed=11, randomize_seed=False,
-                         text_scale=6.0, image_scale=1.25, **OK)[0][0]
+                         num_samples=2, text_scale=6.0, image_scale=1.25, **OK)[0][0]   # same shape: no compile
     assert np.array_equal(np.asarray(again.image), np.asarray(outs[0].image))   # the reported seed reproduces
 
 
@@ -115,7 +115,7 @@ def test_sweep_equals_individual_edits(pipe, tmp_path):
     assert [(c.settings["text_scale"], c.settings["image_scale"]) for c in cells] == scales
     for cell, (t, i) in zip(cells, scales):
         single = pipe.edit(img, fx.INSTRUCTION, text_scale=t, image_scale=i, seed=5, resolution=64,
-                           steps=fx.STEPS, progress=False).outputs[0]
+                           steps=fx.STEPS, batch_size=4, progress=False).outputs[0]   # alone in its call (padded)
         assert np.abs(cell.array - single.array).max() < 1e-5
     # negative control: the scales matter, so equal cells above are not vacuous
     assert np.abs(cells[0].array - cells[3].array).max() > 1e-2
@@ -154,3 +154,14 @@ def test_steps_flag_is_bounded(monkeypatch, capsys, tmp_path):
     code = cli.main(["app", "--model", str(tmp_path), "--steps", str(10 ** 9)])
     assert code == 2 and "--steps must be from 1 to 1000" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_the_ui_queue_is_bounded(tmp_path):
+    pytest.importorskip("gradio")
+
+    class FakePipe:
+        native_resolution = 64
+
+    limits = app.Limits.for_model(64, 20, queue_size=3, concurrency=2)
+    ui = app.build_ui(FakePipe(), limits, steps_default=20, out_root=str(tmp_path))
+    assert ui._queue.max_size == 3 and ui._queue.default_concurrency_limit == 2
