@@ -165,3 +165,24 @@ def test_the_ui_queue_is_bounded(tmp_path):
     limits = app.Limits.for_model(64, 20, queue_size=3, concurrency=2)
     ui = app.build_ui(FakePipe(), limits, steps_default=20, out_root=str(tmp_path))
     assert ui._queue.max_size == 3 and ui._queue.default_concurrency_limit == 2
+
+
+def test_app_command_says_which_model_and_warns_when_public(monkeypatch, capsys):
+    pytest.importorskip("gradio")
+
+    class FakePipe:
+        native_resolution = 64
+
+    seen = {}
+    monkeypatch.setattr(app_cmd.EditPipeline, "from_pretrained", classmethod(lambda cls, m, dtype=None: FakePipe()))
+    monkeypatch.setattr(app, "build_ui", lambda pipe, limits, **kw: seen.update(limits=limits, **kw) or "ui")
+    monkeypatch.setattr(app, "launch", lambda ui, limits, **kw: seen.update(launch=kw))
+    assert cli.main(["app", "--host", "0.0.0.0", "--share", "--port", "7999", "--queue-size", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "ip2p app: using" in captured.out and "no --model given: the demo model" in captured.out
+    assert "default 20 steps, resolution 64" in captured.out
+    assert "serving on 0.0.0.0: anyone who can reach this address" in captured.err
+    assert "--share: the UI becomes public" in captured.err
+    assert seen["launch"] == dict(host="0.0.0.0", port=7999, share=True)
+    assert seen["steps_default"] == 20 and seen["limits"].queue_size == 5
+    assert cli.main(["app"]) == 0 and "serving on" not in capsys.readouterr().err   # loopback: quiet
