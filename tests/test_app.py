@@ -115,7 +115,7 @@ def test_sweep_equals_individual_edits(pipe, tmp_path):
     assert [(c.settings["text_scale"], c.settings["image_scale"]) for c in cells] == scales
     for cell, (t, i) in zip(cells, scales):
         single = pipe.edit(img, fx.INSTRUCTION, text_scale=t, image_scale=i, seed=5, resolution=64,
-                           steps=fx.STEPS, batch_size=4, progress=False).outputs[0]   # alone in its call (padded)
+                           steps=fx.STEPS, progress=False).outputs[0]        # alone in its call
         assert np.abs(cell.array - single.array).max() < 1e-5
     # negative control: the scales matter, so equal cells above are not vacuous
     assert np.abs(cells[0].array - cells[3].array).max() > 1e-2
