@@ -18,6 +18,47 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from ip2p_jax.errors import Ip2pError
+
+
+class OutputError(Ip2pError):
+    """An output folder that cannot be written (not a folder, read-only, full)."""
+
+
+def check_output_dir(path: str, *, min_free_bytes: int = 1 << 20) -> None:
+    """Refuse, before any work, an output folder (existing or to be created) that cannot be written:
+    not a folder, under a file, read-only, or nearly full. Creates nothing."""
+    target = os.path.abspath(os.fspath(path))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise OutputError(f"{path}: exists and is not a folder")
+    parent = target
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{path}: {parent} is a file, not a folder")
+    try:   # os.access is wrong for root and for read-only mounts: try a write
+        fd, probe = tempfile.mkstemp(prefix=".ip2p_jax-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
+    try:
+        st = os.statvfs(parent)
+        free = st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):   # no statvfs: the writes themselves will tell
+        return
+    if free < min_free_bytes:
+        raise OutputError(f"{path}: {parent} has only {free / 1e6:.1f} MB free")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iterator[Any]:
@@ -28,6 +69,7 @@ def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iter
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp makes 0600; results get the mode a plain open() gives
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -3,7 +3,7 @@
 
 Random weights are built by jax.random inside jit directly on the device (no checkpoint,
 no conversion); FLOPs and memory traffic are those of the real model. Prints one JSON object
-per line, comparable with ../shared/bench/peer_diffusers_ip2p.py run in the same call:
+per line, comparable with scripts/peer_edit.py (diffusers) run in the same call:
 
   python scripts/benchmark_edit.py [--tiny] [--steps 20] [--batches 1,4,16] [--res 512]
 
@@ -29,9 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-# GFLOP measured with torch's FlopCounter on the SD 1.5 architecture at 512^2 (reference doc);
-# scaled by pixel count for other resolutions (attention makes that a slight underestimate).
-UNET_GFLOP_512, VAE_ENCODE_GFLOP_512, VAE_DECODE_GFLOP_512 = 677.0, 1082.0, 2480.0
+from bench_common import UNET_GFLOP_512, edit_gflop_per_image, mfu, peak_memory_gib  # noqa: E402
 
 SD15 = {
     "unet": dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
@@ -111,20 +109,15 @@ def random_components(spec: dict, dtype):
                       source="random")
 
 
-def peak_memory_gib():
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else round(peak / 2 ** 30, 2)
-
-
 def unet_step_ms(pipe, batch: int, res: int, repeats: int = 10) -> float:
     """One UNet forward on the 3-way guidance batch (3*batch rows), warm, ms."""
     c = pipe.unet_config
     h = res // pipe.vae_scale
     rep = jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec())
-    x = jnp.zeros((3 * batch, h, h, c.in_channels), pipe.dtype)
+    kx, kc = jax.random.split(jax.random.key(1))   # random, not zeros: constant data can run faster
+    x = jax.random.normal(kx, (3 * batch, h, h, c.in_channels), jnp.float32).astype(pipe.dtype)
     t = jnp.full((3 * batch,), 500.0, jnp.float32)
-    ctx = jnp.zeros((3 * batch, 77, c.cross_attention_dim), pipe.dtype)
+    ctx = jax.random.normal(kc, (3 * batch, 77, c.cross_attention_dim), jnp.float32).astype(pipe.dtype)
     fn = jax.jit(lambda p, x, t, ctx: pipe.unet.apply({"params": p}, x, t, ctx), out_shardings=rep)
     for _ in range(2):
         fn(pipe.params["unet"], x, t, ctx).block_until_ready()
@@ -140,32 +133,39 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random model at 32x32 (CPU, seconds)")
     ap.add_argument("--steps", type=int, default=None, help="default 20 (--tiny: 4)")
     ap.add_argument("--batches", default=None, help="default 1,4,16 (--tiny: 1,2)")
-    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--res", type=int, default=None, help="default 512")
     ap.add_argument("--sampler", default="euler_a")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on GPU/TPU, fp32 on CPU)")
     ap.add_argument("--attention", default="auto", help="attention_impl: auto | xla | cudnn")
+    ap.add_argument("--model", default=None, help="a model folder to time instead of random SD 1.5 weights "
+                                                   "(e.g. ip2p_jax/demo_model; --res then defaults to its own)")
     a = ap.parse_args(argv)
     a.steps = a.steps or (4 if a.tiny else 20)
+    a.res_given, a.res = a.res is not None, a.res or 512
     a.batches = a.batches or ("1,2" if a.tiny else "1,4,16")
 
     from ip2p_jax import dtypes
     from ip2p_jax.pipeline import EditPipeline
 
     dtype = dtypes.compute_dtype(a.dtype)
-    res = 32 if a.tiny else a.res
     t0 = time.perf_counter()
-    components = random_components(TINY if a.tiny else SD15, dtype)
-    pipe = EditPipeline(components, dtype=dtype, attention_impl=a.attention, source="random")
+    if a.model:
+        pipe = EditPipeline.from_pretrained(a.model, dtype=dtype, attention_impl=a.attention)
+        res = a.res if a.res_given else pipe.native_resolution
+    else:
+        res = 32 if a.tiny else a.res
+        components = random_components(TINY if a.tiny else SD15, dtype)
+        pipe = EditPipeline(components, dtype=dtype, attention_impl=a.attention, source="random")
     jax.block_until_ready(pipe.params)
     init_s = time.perf_counter() - t0
     dev = jax.devices()[0]
     info = {"impl": "ip2p_jax", "device": getattr(dev, "device_kind", dev.platform), "devices": jax.device_count(),
             "jax": jax.__version__, "dtype": dtype.name, "attention": a.attention, "steps": a.steps, "res": res,
-            "sampler": a.sampler, "tiny": a.tiny}
+            "sampler": a.sampler, "tiny": a.tiny, "model": a.model or "random SD 1.5"}
     print(json.dumps({**info, "params_init_s": round(init_s, 2)}), flush=True)
     scale = (res / 512) ** 2
-    per_image_gflop = scale * (3 * a.steps * UNET_GFLOP_512 + VAE_ENCODE_GFLOP_512 + VAE_DECODE_GFLOP_512)
+    per_image_gflop = edit_gflop_per_image(res, a.steps)
     rng = np.random.default_rng(0)
     for b in [int(x) for x in a.batches.split(",") if x]:
         images = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(b)]
@@ -181,9 +181,12 @@ def main(argv=None) -> int:
         assert len(out.images) == b
         med = sorted(times)[len(times) // 2]
         unet_ms = unet_step_ms(pipe, b, res)
-        flops = {} if a.tiny else {  # the GFLOP figures are the SD 1.5 architecture's
-            "unet_tflops": round(3 * b * scale * UNET_GFLOP_512 / unet_ms, 1),
-            "edit_tflops": round(b * per_image_gflop / med / 1e3, 1)}
+        flops = {}
+        if not a.tiny and a.model is None:  # the GFLOP figures are the SD 1.5 architecture's
+            edit_tflops = b * per_image_gflop / med / 1e3
+            flops = {"unet_tflops": round(3 * b * scale * UNET_GFLOP_512 / unet_ms, 1),
+                     "edit_tflops": round(edit_tflops, 1), "gflop_per_image": round(per_image_gflop, 1),
+                     "mfu": mfu(edit_tflops, info["device"])}
         print(json.dumps({**info, "batch": b, "first_call_s": round(first, 3), "median_s": round(med, 4),
                           "images_per_s": round(b / med, 3), "unet_step_ms_cfg3x": round(unet_ms, 2),
                           **flops, "peak_mem_gib": peak_memory_gib(),

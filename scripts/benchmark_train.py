@@ -9,7 +9,7 @@ params, EMA), bf16 compute, state donated, compiled once per batch size. One JSO
 
 --cached times the latent-cache path (VAE moments and text embeddings precomputed).
 Imports only jax/flax/optax/numpy and ip2p_jax's models and train step (no diffusers, ml_collections,
-grain or TFDS), so it runs beside shared/bench/peer_diffusers_train.py on a bare accelerator machine.
+grain or TFDS), so it runs beside scripts/peer_train.py (diffusers) on a bare accelerator machine.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_common import mfu, peak_memory_gib, train_gflop_per_example  # noqa: E402
 from ip2p_jax.diffusion.schedules import TrainingSchedule  # noqa: E402
 from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
@@ -49,18 +50,6 @@ TINY_VAE = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=77)
-# Measured with torch's FlopCounter on the SD 1.5 architecture (shared/docs/ip2p-reference.md):
-# UNet forward 172 GFLOP per example at 256^2; VAE encode 1082 GFLOP per image at 512^2 (x1/4 at 256^2).
-# A training step per example: UNet forward + backward (~3x forward) + two VAE encodes (+ CLIP, ~7 GFLOP).
-UNET_FWD_GFLOP_256, VAE_ENC_GFLOP_512, CLIP_GFLOP = 172.0, 1082.0, 6.7
-
-
-def analytic_gflop_per_example(res: int, cached: bool) -> float:
-    s = (res / 256) ** 2
-    unet = 3 * UNET_FWD_GFLOP_256 * s
-    return unet if cached else unet + 2 * VAE_ENC_GFLOP_512 * s / 4 + CLIP_GFLOP
-
-
 def build(args):
     if args.dtype is None:  # bf16 where it is fast; XLA:CPU runs bf16 convolutions slowly
         args.dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
@@ -99,12 +88,6 @@ def make_batch(args, b: int, vc, tc, rng) -> dict:
     return {"input_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
             "edited_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
             "input_ids": rng.integers(0, tc.vocab_size, (b, 77)).astype(np.int32)}
-
-
-def peak_memory_gib():
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else round(peak / 2 ** 30, 2)
 
 
 def main():
@@ -150,11 +133,12 @@ def main():
             jax.block_until_ready((state, metrics))
             dt = (time.perf_counter() - t0) / args.steps
             loss = runner.scalars(metrics)["loss"]
-            tflops = None if args.tiny else analytic_gflop_per_example(head["res"], args.cached) * b / dt / 1e3
+            tflops = None if args.tiny else train_gflop_per_example(head["res"], args.cached) * b / dt / 1e3
             print(json.dumps({**head, "batch": b, "ms_per_step": round(dt * 1e3, 2),
                               "examples_per_s": round(b / dt, 2), "peak_mem_gib": peak_memory_gib(),
                               "est_tflops": tflops and round(tflops, 1),
                               "est_tflops_per_device": tflops and round(tflops / jax.device_count(), 1),
+                              "mfu": tflops and mfu(tflops / jax.device_count(), head["device"]),
                               "warmup_s": round(compile_s, 1), "loss": round(float(loss), 4)}), flush=True)
         except Exception as e:  # OOM on big batches: report and go on to the next
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__

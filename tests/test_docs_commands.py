@@ -3,7 +3,8 @@
 The line above each command block (```bash, ```python, or an untagged block that starts with a
 command) is a marker comment:
   <!-- docs: run -->              this test runs the block as written (bash, in a scratch copy of the
-                                  checkout's examples/ configs/ scripts/, with the test venv first on PATH)
+                                  checkout's examples/ configs/ scripts/ with ip2p_jax/ linked, the test
+                                  venv first on PATH and as .venv)
   <!-- docs: tested by FILE -->   a test file that runs these commands (it must exist and name them)
   <!-- docs: needs REASON -->     real weights, a GPU, a language model server, hours: not run here
   <!-- docs: synopsis -->         a usage summary, not a command to run
@@ -75,6 +76,7 @@ RUN_BLOCKS = [b for b in COMMAND_BLOCKS if b[4] == "<!-- docs: run -->"]
 def test_run_blocks_run_as_written(where, line, lang, text, marker, tmp_path):
     for folder in ("examples", "configs", "scripts"):
         shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder)
+    os.symlink(os.path.join(ROOT, "ip2p_jax"), tmp_path / "ip2p_jax")
     bin_dir = os.path.dirname(sys.executable)
     os.symlink(os.path.dirname(bin_dir), tmp_path / ".venv")
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": ROOT}

@@ -123,9 +123,12 @@ def write_result(directory: str, stem: str, image, settings: dict) -> str | None
         try:
             with files.atomic_file(path, exclusive=True) as f:
                 image.save(f, format="PNG")
+            files.write_json(side, settings, exclusive=True)
         except FileExistsError:
             continue
-        files.write_json(side, settings, exclusive=True)
+        except OSError as e:   # full disk, folder gone or made read-only: earlier results stay complete
+            raise files.OutputError(f"{path}: cannot write ({e.strerror or e}); the results written "
+                                    f"before it in {directory} are complete") from None
         return path
 
 
@@ -194,6 +197,7 @@ def run(args) -> int:
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
+    files.check_output_dir(args.out)   # a file, read-only or full --out is refused before the model loads
     if job:
         rows, bad = _job_rows(args)   # a bad manifest or dataset is reported before any model is loaded
 

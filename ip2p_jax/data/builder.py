@@ -10,6 +10,7 @@ generators then replay. The splits are written by this builder's own streaming s
 rather than TFDS' shuffling writer, whose on-disk buckets (used past 1 GB) need TensorFlow
 and which would hold 1 GB in memory. Memory stays bounded whatever the source size.
 A build runs in a temporary data dir and is moved into place only when complete.
+With `beam=True` the same dataset is built by an Apache Beam pipeline instead (data/beam_build.py).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import writer as writer_lib
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.data import beam_build
 from ip2p_jax.data import leftovers
 from ip2p_jax.data import sources as src
 from ip2p_jax.progress import progress
@@ -47,6 +50,8 @@ IMAGE_FEATURES = ("input_image", "edited_image")
 TEXT_FEATURES = ("instruction", "input_caption", "edited_caption", "id", "prompt_id")
 MAX_KEPT_REJECTIONS = 10_000
 SHARD_BYTES = 1 << 30  # start a new array_record file past this size
+# one record per group (random access), no compression (the images already are)
+RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 class BuildError(Ip2pError):
@@ -109,14 +114,12 @@ class BuildReport:
         return "\n".join(lines)
 
 
+def _strict_error(r: src.Rejection) -> BuildError:
+    return BuildError(f"{r} [--strict: the first bad item stops the build; without it bad items are "
+                      "skipped and reported]")
+
+
 # ---------------------------------------------------------------- reading the source once
-
-def _load(pair: src.Pair) -> dict | src.Rejection:
-    try:
-        return src.load_pair(pair)
-    except src.Reject as e:
-        return src.Rejection(pair.id, e.kind, e.detail)
-
 
 def _ordered_map(fn, items: Iterable, workers: int, window: int) -> Iterator:
     """map(fn, items) in order, `workers` threads, at most `window` items in flight."""
@@ -163,7 +166,7 @@ class _SplitRouter:
 
     def _checked(self) -> Iterator[dict]:
         def load(x):
-            return x if isinstance(x, src.Rejection) else _load(x)
+            return x if isinstance(x, src.Rejection) else src.load_or_reject(x)
 
         bar = progress(total=self.planned, desc=f"reading {self.source.format} source", unit=" pairs",
                        enabled=self.progress)
@@ -172,8 +175,7 @@ class _SplitRouter:
                 bar.update(1)
                 if isinstance(out, src.Rejection):
                     if self.strict:
-                        raise BuildError(f"{out} [--strict: the first bad item stops the build; "
-                                         "without it bad items are skipped and reported]")
+                        raise _strict_error(out)
                     self.report.reject(out)
                     bar.set_postfix_str(f"rejected={self.report.rejected}", refresh=False)
                     continue
@@ -194,6 +196,18 @@ class _SplitRouter:
                 self.spools[s].write(ex)
 
 
+class _RecordWriter(writer_lib.ExampleWriter):
+    """TFDS' shard writer (used by its Beam writer) with this builder's array_record options."""
+
+    def write(self, path, examples):
+        from array_record.python import array_record_module  # optional heavy dependency
+
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), RECORD_OPTIONS)
+        for _, data in examples:
+            writer.write(data)
+        writer.close()
+
+
 # ---------------------------------------------------------------- the builder
 
 class EditPairs(tfds.core.GeneratorBasedBuilder):
@@ -208,8 +222,9 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         return None
 
     def __init__(self, *, source=None, strict: bool = False, workers: int = 1, progress: bool = True,
-                 report: BuildReport | None = None, **kwargs):
+                 report: BuildReport | None = None, beam: bool = False, **kwargs):
         self._source, self._strict, self._workers, self._progress = source, strict, workers, progress
+        self._beam = beam
         self._report = report if report is not None else BuildReport()
         super().__init__(**kwargs)
 
@@ -218,21 +233,31 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
             builder=self, description=self.__doc__, features=features(), disable_shuffling=True,
             homepage="https://github.com/timothybrooks/instruct-pix2pix")
 
-    def _split_generators(self, dl_manager):
+    def rejections_path(self) -> str:
+        """Where a Beam build's pipeline collects the rejected items."""
+        return os.path.join(os.fspath(self.data_dir_root), "rejections.json")
+
+    def _split_generators(self, dl_manager, pipeline=None):
         if self._source is None:
             raise BuildError("EditPairs needs a source to build (use build_dataset)")
         counts = collections.Counter(src.split_of(p) for p in self._source.plan())
         total = sum(counts.values())
         if total == 0:
             raise BuildError(f"{self._source.root}: the {self._source.format} source holds no pairs")
+        order = [s for s in src.SPLITS if counts[s]]  # the largest (train) streams live
+        order.sort(key=lambda s: -counts[s])
+        if pipeline is not None:   # TFDS passes the Beam pipeline only to a Beam build
+            return beam_build.split_pcollections(pipeline, self._source, order,
+                                                 {s: prompt_hash_file(self.data_dir, s) for s in order},
+                                                 self.rejections_path())
         spool_dir = tempfile.mkdtemp(prefix="spool-", dir=os.fspath(self.data_dir_root))
         self._router = _SplitRouter(self._source, self._report, self._strict, self._workers, spool_dir,
                                     total, self._progress)
-        order = [s for s in src.SPLITS if counts[s]]  # the largest (train) streams live
-        order.sort(key=lambda s: -counts[s])
         return {s: self._generate_examples(s) for s in order}
 
     def _generate_splits(self, dl_manager, download_config):
+        if self._beam:   # TFDS' own split generation: its Beam pipeline and Beam writer
+            return super()._generate_splits(dl_manager, download_config)
         infos = [self._write_split(split, examples) for split, examples in self._split_generators(dl_manager).items()]
         infos = [info for info in infos if info is not None]  # a split whose every pair was rejected
         if not infos:
@@ -251,8 +276,7 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
         for _, example in examples:
             if writer is None:
                 path = os.path.join(os.fspath(self.data_path), f".shard-{split}-{len(shards):05d}")
-                # one record per group (random access), no compression (the images already are)
-                writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
+                writer = array_record_module.ArrayRecordWriter(path, RECORD_OPTIONS)
                 shards.append([path, 0])
             data = serializer.serialize_example(feats.encode_example(example))
             writer.write(data)
@@ -272,6 +296,13 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
             os.replace(path, os.fspath(template.sharded_filepath(shard_index=i, num_shards=len(shards))))
         return tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n in shards], num_bytes=total_bytes,
                                    filename_template=template)
+
+    def _process_pipeline_result(self, pipeline_result):
+        self._counters = beam_build.counters(pipeline_result)
+        log.info("Beam pipeline done: %s", ", ".join(f"{k} {v}" for k, v in sorted(self._counters.items())))
+
+    def _example_writer(self):
+        return _RecordWriter(self.info.file_format)   # TFDS' Beam writer writes the shards with it
 
     def _generate_examples(self, split: str):
         hashes = open(prompt_hash_file(self.data_dir, split), "wb")
@@ -314,13 +345,18 @@ def _quiet_tfds():
 
 
 def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None, *, strict: bool = False,
-                  overwrite: bool = False, workers: int | None = None, progress: bool = True) -> BuildReport:
+                  overwrite: bool = False, workers: int | None = None, progress: bool = True,
+                  beam: bool = False, beam_pipeline_options: str | None = None) -> BuildReport:
     """Build `<data_dir>/edit_pairs/<name>/1.0.0` from a source; returns the report.
 
     Bad items are skipped and reported (or, with `strict`, the first one raises BuildError).
     Nothing is left at the final path unless the build completes.
+    beam: build through an Apache Beam pipeline run with `beam_pipeline_options`
+    ("runner=DirectRunner,direct_num_workers=2,..."; see docs/data.md) instead of in this process.
     """
     name = _check_name(name or fmt)
+    download_config = (tfds.download.DownloadConfig(beam_options=beam_build.pipeline_options(beam_pipeline_options))
+                       if beam else None)
     source_obj = src.open_source(fmt, source)
     final = dataset_dir(data_dir, name)
     _prepare_data_dir(data_dir)
@@ -339,9 +375,12 @@ def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None,
     try:
         with _quiet_tfds():
             builder = EditPairs(source=source_obj, strict=strict, workers=workers, progress=progress,
-                                report=report, data_dir=tmp_root, config=tfds.core.BuilderConfig(name=name),
-                                file_format="array_record")
-            builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
+                                report=report, beam=beam, data_dir=tmp_root,
+                                config=tfds.core.BuilderConfig(name=name), file_format="array_record")
+            if beam:
+                _prepare_with_beam(builder, download_config, report, strict)
+            else:
+                builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
         built = dataset_dir(tmp_root, name)
         info = builder.info
         report.num_bytes = {s: int(info.splits[s].num_bytes) for s in report.examples}
@@ -361,6 +400,24 @@ def build_dataset(fmt: str, source: str, data_dir: str, name: str | None = None,
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return report
+
+
+def _prepare_with_beam(builder: EditPairs, download_config, report: BuildReport, strict: bool) -> None:
+    try:
+        builder.download_and_prepare(download_dir=os.path.join(builder.data_dir_root, "downloads"),
+                                     download_config=download_config)
+    except Exception as e:
+        # TFDS' Beam writer cannot write an empty split (the plain build drops one)
+        if m := re.search(r"number of generated examples is 0 for split (\w+)", str(e)):
+            raise BuildError(f"split {m.group(1)}: every pair was rejected; a Beam build cannot write an "
+                             "empty split (the plain build drops it): fix or remove those items") from None
+        raise
+    rejections = beam_build.read_rejections(builder.rejections_path())
+    if strict and rejections:
+        raise _strict_error(rejections[0])
+    for r in rejections:
+        report.reject(r)
+    report.examples = {s: int(builder.info.splits[s].num_examples) for s in builder.info.splits}
 
 
 def _prepare_data_dir(data_dir: str) -> None:

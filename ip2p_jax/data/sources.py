@@ -5,6 +5,8 @@ Each source has two passes:
   `scan()`  yields `Pair`s (images as file paths or encoded bytes, not yet checked) and
             `Rejection`s for items that cannot even be parsed.
 `load_pair(pair)` then reads and checks the images (kept exactly as encoded).
+`units()` / `scan_unit(unit)` cut `scan()` into independent pieces (files, or ranges of prompt
+folders) for a parallel build; `scan()` is their concatenation, in order.
 
 Split of a pair = a stable hash of its prompt id (90/5/5), so all seeds of a prompt share a split.
 """
@@ -134,6 +136,14 @@ def load_pair(pair: Pair) -> dict:
     }
 
 
+def load_or_reject(pair: Pair) -> dict | Rejection:
+    """`load_pair`, with an unusable pair returned as its Rejection."""
+    try:
+        return load_pair(pair)
+    except Reject as e:
+        return Rejection(pair.id, e.kind, e.detail)
+
+
 # ---------------------------------------------------------------- authors' layout
 
 class AuthorsSource:
@@ -142,9 +152,11 @@ class AuthorsSource:
     Without seeds.json the seeds are listed from the `<seed>_0.jpg` files."""
 
     format = "authors"
+    unit_prompts = 1000  # prompts per unit of a parallel build
 
     def __init__(self, path: str):
         self.root = os.fspath(path)
+        self._cached = None
         if not os.path.isdir(self.root):
             raise SourceError(f"{self.root}: not a directory (the authors' layout is a folder "
                               "with seeds.json and one sub-folder per prompt)")
@@ -167,13 +179,30 @@ class AuthorsSource:
                     listing.append((name, found))
         return listing
 
+    def _listing(self) -> list[tuple[str, list[int]]]:
+        if self._cached is None:
+            self._cached = self._seeds()
+        return self._cached
+
+    def __getstate__(self):  # a parallel build ships the source to workers: not its listing
+        return dict(self.__dict__, _cached=None)
+
     def plan(self) -> Iterator[str]:
-        for name, seeds in self._seeds():
+        for name, seeds in self._listing():
             for _ in seeds:
                 yield name
 
+    def units(self) -> list[tuple[int, int]]:
+        """Independent pieces of the source (index ranges of prompts), for parallel builds."""
+        n = len(self._listing())
+        return [(i, min(n, i + self.unit_prompts)) for i in range(0, n, self.unit_prompts)]
+
     def scan(self) -> Iterator[Pair | Rejection]:
-        for name, seeds in self._seeds():
+        for unit in self.units():
+            yield from self.scan_unit(unit)
+
+    def scan_unit(self, unit: tuple[int, int]) -> Iterator[Pair | Rejection]:
+        for name, seeds in self._listing()[unit[0]:unit[1]]:
             d = os.path.join(self.root, name)
             prompt_file = os.path.join(d, "prompt.json")
             try:
@@ -293,28 +322,35 @@ class ParquetSource:
             return bytes(cell)
         raise Reject("bad image cell", f"{what} is {type(cell).__name__}, expected a {{bytes, path}} struct or binary")
 
+    def units(self) -> list[str]:
+        """Independent pieces of the source (its files), for parallel builds."""
+        return list(self.files)
+
     def scan(self) -> Iterator[Pair | Rejection]:
         for file in self.files:
-            mapping = self._mapping(file)
-            if isinstance(mapping, Rejection):
-                yield mapping
-                continue
-            name = self._name(file)
-            row_no = -1
-            try:
-                for row_no, row in enumerate(self._rows(file, tuple(PARQUET_COLUMNS))):
-                    item = f"{name}#{row_no}"
-                    try:
-                        texts = {f: row.get(f) or "" for f in TEXT_FIELDS}
-                        if not all(isinstance(v, str) for v in texts.values()):
-                            raise Reject("bad prompt cell", "a prompt column is not text")
-                        yield Pair(id=item, prompt_id=_text_prompt_id(texts), **texts,
-                                   input_image=self._image(row["input_image"], file, "input image"),
-                                   edited_image=self._image(row["edited_image"], file, "edited image"))
-                    except Reject as e:
-                        yield Rejection(item, e.kind, e.detail)
-            except Exception as e:
-                yield Rejection(f"{name}#{row_no + 1}", "unreadable parquet data", f"{type(e).__name__}: {e}")
+            yield from self.scan_unit(file)
+
+    def scan_unit(self, file: str) -> Iterator[Pair | Rejection]:
+        mapping = self._mapping(file)
+        if isinstance(mapping, Rejection):
+            yield mapping
+            return
+        name = self._name(file)
+        row_no = -1
+        try:
+            for row_no, row in enumerate(self._rows(file, tuple(PARQUET_COLUMNS))):
+                item = f"{name}#{row_no}"
+                try:
+                    texts = {f: row.get(f) or "" for f in TEXT_FIELDS}
+                    if not all(isinstance(v, str) for v in texts.values()):
+                        raise Reject("bad prompt cell", "a prompt column is not text")
+                    yield Pair(id=item, prompt_id=_text_prompt_id(texts), **texts,
+                               input_image=self._image(row["input_image"], file, "input image"),
+                               edited_image=self._image(row["edited_image"], file, "edited image"))
+                except Reject as e:
+                    yield Rejection(item, e.kind, e.detail)
+        except Exception as e:
+            yield Rejection(f"{name}#{row_no + 1}", "unreadable parquet data", f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------- jsonl
@@ -367,18 +403,25 @@ class JsonlSource:
                 if isinstance(obj, dict):
                     yield self._prompt_id(obj)
 
+    def units(self) -> list[str]:
+        """Independent pieces of the source (its files), for parallel builds."""
+        return list(self.files)
+
     def scan(self) -> Iterator[Pair | Rejection]:
         for file in self.files:
-            base = os.path.dirname(os.path.abspath(file))
-            for item, obj in self._records(file):
-                if isinstance(obj, Rejection):
-                    yield obj
-                    continue
-                yield Pair(id=item, prompt_id=self._prompt_id(obj), instruction=obj["instruction"],
-                           input_caption=str(obj.get("input_caption") or ""),
-                           edited_caption=str(obj.get("edited_caption") or ""),
-                           input_image=os.path.join(base, obj["input_image"]),
-                           edited_image=os.path.join(base, obj["edited_image"]))
+            yield from self.scan_unit(file)
+
+    def scan_unit(self, file: str) -> Iterator[Pair | Rejection]:
+        base = os.path.dirname(os.path.abspath(file))
+        for item, obj in self._records(file):
+            if isinstance(obj, Rejection):
+                yield obj
+                continue
+            yield Pair(id=item, prompt_id=self._prompt_id(obj), instruction=obj["instruction"],
+                       input_caption=str(obj.get("input_caption") or ""),
+                       edited_caption=str(obj.get("edited_caption") or ""),
+                       input_image=os.path.join(base, obj["input_image"]),
+                       edited_image=os.path.join(base, obj["edited_image"]))
 
 
 FORMATS = {"authors": AuthorsSource, "parquet": ParquetSource, "jsonl": JsonlSource}

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""One table from the benchmark scripts' JSON lines (benchmark_edit / peer_edit / benchmark_train /
+peer_train): ours, the peer eager and compiled, the ratio to the faster peer, MFU, peak memory.
+
+  python scripts/benchmark_table.py bench_out/*.jsonl
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def read(paths):
+    rows = []
+    for path in paths:
+        for line in open(path):
+            line = line.strip()
+            if line.startswith("{"):
+                row = json.loads(line)
+                if "batch" in row and "error" not in row:
+                    rows.append(row)
+    return rows
+
+
+def fmt(x, digits=2):
+    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def edit_table(rows) -> list[str]:
+    edits = [r for r in rows if "images_per_s" in r]
+    out = ["| edit, batch | ip2p_jax img/s | diffusers eager | diffusers compiled | ours ÷ best peer | ours MFU "
+           "| peer MFU | ours peak GiB | peer peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for b in sorted({r["batch"] for r in edits}):
+        ours = next((r for r in edits if r["batch"] == b and r["impl"] == "ip2p_jax"), None)
+        eager = next((r for r in edits if r["batch"] == b and r["impl"] == "diffusers eager"), None)
+        comp = next((r for r in edits if r["batch"] == b and r["impl"] == "diffusers compiled"), None)
+        peers = [p for p in (eager, comp) if p]
+        best = max(peers, key=lambda p: p["images_per_s"]) if peers else None
+        ratio = ours["images_per_s"] / best["images_per_s"] if ours and best else None
+        out.append(f"| {b} | {fmt(ours and ours['images_per_s'])} | {fmt(eager and eager['images_per_s'])} "
+                   f"| {fmt(comp and comp['images_per_s'])} | {fmt(ratio)}× | {fmt(ours and ours.get('mfu'), 3)} "
+                   f"| {fmt(best and best.get('mfu'), 3)} | {fmt(ours and ours.get('peak_mem_gib'))} "
+                   f"| {fmt(best and best.get('peak_mem_gib'))} |")
+    return out
+
+
+def train_table(rows) -> list[str]:
+    trains = [r for r in rows if "examples_per_s" in r]
+    out = ["| train, batch | ip2p_jax live ex/s | ip2p_jax cached ex/s | diffusers ex/s | live ÷ diffusers "
+           "| ours MFU (live) | peer MFU | ours peak GiB | peer peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for b in sorted({r["batch"] for r in trains}):
+        live = next((r for r in trains if r["batch"] == b and r.get("bench") == "ip2p_jax-train"
+                     and not r.get("cached")), None)
+        cached = next((r for r in trains if r["batch"] == b and r.get("bench") == "ip2p_jax-train"
+                       and r.get("cached")), None)
+        peer = next((r for r in trains if r["batch"] == b and str(r.get("bench")).startswith("diffusers")), None)
+        ratio = live["examples_per_s"] / peer["examples_per_s"] if live and peer else None
+        out.append(f"| {b} | {fmt(live and live['examples_per_s'])} | {fmt(cached and cached['examples_per_s'])} "
+                   f"| {fmt(peer and peer['examples_per_s'])} | {fmt(ratio)}× | {fmt(live and live.get('mfu'), 3)} "
+                   f"| {fmt(peer and peer.get('mfu'), 3)} | {fmt(live and live.get('peak_mem_gib'))} "
+                   f"| {fmt(peer and peer.get('peak_mem_gib'))} |")
+    return out
+
+
+def main(argv=None) -> int:
+    rows = read(argv if argv is not None else sys.argv[1:])
+    lines = []
+    if any("images_per_s" in r for r in rows):
+        lines += edit_table(rows) + [""]
+    if any("examples_per_s" in r for r in rows):
+        lines += train_table(rows)
+    print("\n".join(lines) if lines else "no benchmark rows found")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
