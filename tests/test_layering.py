@@ -28,7 +28,7 @@ LAYERS = {
     "errors": set(),
     "progress": set(),
     "jsonl": {"errors"},
-    "files": set(),
+    "files": {"errors"},
     "dtypes": {"errors"},
     "images": set(),
     "tokenizer": set(),
