@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from ip2p_jax.commands import convert, edit, export, train
+from ip2p_jax.commands import app, convert, edit, export, train
 from ip2p_jax.errors import Ip2pError
 
 COMMANDS = {
@@ -20,6 +20,7 @@ COMMANDS = {
                          "diffusers load"),
     "train": (train, "train or fine-tune an InstructPix2Pix model"),
     "export": (export, "write a training run's EMA weights as a complete diffusers folder"),
+    "app": (app, "the web UI for editing (needs the [app] extra: gradio)"),
 }
 
 

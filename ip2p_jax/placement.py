@@ -15,6 +15,7 @@ Stable Diffusion / InstructPix2Pix models with `place`; the CLIP metrics place t
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -29,16 +30,23 @@ from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.tokenizer import tokenize
 
-_COMPILED: dict = {}
+# Least recently used first; bounded, so a long-lived process (the web UI) serving many model
+# shapes keeps at most MAX_COMPILED jitted functions (and their compiles) alive.
+MAX_COMPILED = 32
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
 
 
 def compiled(build: Callable, *key) -> Callable:
     """`build(*key)`, built once per distinct (build, *key) and then shared: models of the same
     shape (Flax modules hash by their frozen config fields) reuse one jitted function and its
-    compiles."""
+    compiles. At most MAX_COMPILED are kept; the least recently used is dropped first."""
     k = (build,) + key
-    if k not in _COMPILED:
+    if k in _COMPILED:
+        _COMPILED.move_to_end(k)
+    else:
         _COMPILED[k] = build(*key)
+        while len(_COMPILED) > MAX_COMPILED:
+            _COMPILED.popitem(last=False)
     return _COMPILED[k]
 
 

@@ -105,16 +105,6 @@ def test_no_model_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert "no --model given and no demo model installed" in capsys.readouterr().err
 
 
-def test_app_without_gradio_says_how_to_install(monkeypatch, capsys):
-    import sys
-
-    from ip2p_jax import app
-
-    monkeypatch.setitem(sys.modules, "gradio", None)   # import gradio -> ImportError, installed or not
-    assert app.main(["--model", "unused"]) == 2
-    assert "pip install 'ip2p_jax[app]'" in capsys.readouterr().err
-
-
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "shapes_0.png")
 
 
@@ -218,7 +208,7 @@ def test_concurrent_writers_never_share_a_name(tmp_path):
 
     def writer(i):
         barrier.wait()
-        paths.append(edit_cmd._write_new(str(tmp_path), "same", image, {"writer": i}))
+        paths.append(edit_cmd.write_result(str(tmp_path), "same", image, {"writer": i}))
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
     for t in threads:

@@ -28,7 +28,7 @@ LAYERS = {
     "errors": set(),
     "progress": set(),
     "jsonl": {"errors"},
-    "files": set(),
+    "files": {"errors"},
     "dtypes": {"errors"},
     "images": set(),
     "tokenizer": set(),
@@ -49,8 +49,9 @@ LAYERS = {
     "demo": {"datagen", "datagen.shapes", "pipeline", "images"},
     "edit_job": {"pipeline", "images", "data"},
     "commands": {"demo", "pipeline", "weights", "diffusion", "images", "sharding", "data", "train", "edit_job"},
-    "cli": {"commands"},
-    "app": {"commands", "demo", "pipeline", "diffusion", "images"},
+    "cli": {"commands", "commands.app"},
+    "app": {"commands", "pipeline", "diffusion", "images"},
+    "commands.app": {"app", "commands", "pipeline", "images"},
 }
 # Imported inside functions on purpose: optional extras, or slow imports only some paths need.
 HEAVY = {"torch", "diffusers", "transformers", "gradio", "tensorflow_datasets", "grain", "apache_beam",
@@ -118,7 +119,9 @@ def _imports(module: str, path: str) -> list[tuple[str, int, bool]]:
 
 # The shapes world is a synthetic data source below training (the demo autoencoder trains on its
 # renders), so it and the layout helpers it writes with are nodes of their own inside datagen.
-SUB_NODES = ("datagen.shapes", "datagen.layout")
+# `ip2p app` (commands.app) serves the web UI, which itself uses `ip2p edit`'s model choice and
+# writers: a node of its own above both.
+SUB_NODES = ("datagen.shapes", "datagen.layout", "commands.app")
 
 
 def _node(module: str) -> str:

@@ -107,7 +107,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "input"
 
 
-def _write_new(directory: str, stem: str, image, settings: dict) -> str | None:
+def write_result(directory: str, stem: str, image, settings: dict) -> str | None:
     """Write `image` as a PNG under a name no file in `directory` has (`stem.png`, `stem-1.png`, ...),
     claimed atomically, then its JSON sidecar; returns the PNG's path. Never overwrites.
     Multi-process (`--image` with the launch flags: every process receives every result): process 0 writes."""
@@ -130,6 +130,30 @@ def _write_new(directory: str, stem: str, image, settings: dict) -> str | None:
             raise files.OutputError(f"{path}: cannot write ({e.strerror or e}); the results written "
                                     f"before it in {directory} are complete") from None
         return path
+
+
+def sidecar(name: str, model: str, settings: dict) -> dict:
+    """The JSON sidecar of one result (`ip2p edit` and the web UI): its input, model and settings."""
+    return {"input": os.path.abspath(name) if os.path.exists(name) else name, "model": model, **settings}
+
+
+def sweep_grid(pipe, image, instruction: str, text_scales, image_scales, seed: int, *, name: str, **common):
+    """(labelled grid, its sidecar settings, the cells' EditOutputs) for one image and instruction:
+    rows image scale, columns text scale, the same seed in every cell, one batched call."""
+    cells = [(i_s, t_s) for i_s in image_scales for t_s in text_scales]      # row-major: rows image scale
+    res = pipe.edit([image] * len(cells), instruction, text_scale=[t for _, t in cells],
+                    image_scale=[i for i, _ in cells], seed=[seed] * len(cells), names=[name] * len(cells),
+                    progress=False, **common)
+    n = len(text_scales)
+    rows = [res.images[r * n:(r + 1) * n] for r in range(len(image_scales))]
+    grid = images.make_grid(rows, [f"{v:g}" for v in image_scales], [f"{v:g}" for v in text_scales],
+                            title=instruction, row_title="image scale", col_title="text scale")
+    first = dict(res.settings[0])
+    for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
+        first.pop(k, None)
+    settings = sidecar(name, pipe.source, {**first, "grid": {"rows_image_scale": list(image_scales),
+                                                             "columns_text_scale": list(text_scales)}})
+    return grid, settings, res.outputs
 
 
 def _warn(msg: str) -> None:
@@ -291,8 +315,7 @@ def _run_edits(pipe, paths, args, common, failed) -> int:
                 if scales is not None:
                     settings["randomized_scales"] = True
                 stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{settings['seed']}"
-                _write_new(args.out, stem, out.image, {"input": os.path.abspath(path), "model": pipe.source,
-                                                       **settings})
+                write_result(args.out, stem, out.image, sidecar(path, pipe.source, settings))
                 n += 1
                 bar.update(1)
             loaded = pairs = got = None   # drop this chunk's images before the next is decoded
@@ -300,8 +323,6 @@ def _run_edits(pipe, paths, args, common, failed) -> int:
 
 
 def _run_grid(pipe, paths, args, common, failed) -> int:
-    ts, ims = args.text_scales, args.image_scales
-    cells = [(i_s, t_s) for i_s in ims for t_s in ts]        # row-major: rows image scale
     n = 0
     jobs = [(path, text) for path in paths for text in args.instruction]
     img = last = None
@@ -312,18 +333,10 @@ def _run_grid(pipe, paths, args, common, failed) -> int:
         if img is None:
             continue
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-        res = pipe.edit([img] * len(cells), text, text_scale=[t for _, t in cells],
-                        image_scale=[i for i, _ in cells], seed=[seed] * len(cells),
-                        names=[path] * len(cells), progress=False, **common)
-        rows = [res.images[r * len(ts):(r + 1) * len(ts)] for r in range(len(ims))]
-        grid = images.make_grid(rows, [f"{v:g}" for v in ims], [f"{v:g}" for v in ts], title=text,
-                                row_title="image scale", col_title="text scale")
+        grid, settings, _ = sweep_grid(pipe, img, text, args.text_scales, args.image_scales, seed,
+                                       name=path, **common)
+        settings["input_size"] = list(in_size)
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
-        first = dict(res.settings[0])
-        for k in ("text_scale", "image_scale", "index", "pair_index", "sample_index"):
-            first.pop(k, None)
-        first["input_size"] = list(in_size)
-        _write_new(args.out, stem, grid, {"input": os.path.abspath(path), "model": pipe.source, **first,
-                                          "grid": {"rows_image_scale": ims, "columns_text_scale": ts}})
+        write_result(args.out, stem, grid, settings)
         n += 1
     return n
