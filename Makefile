@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: install test test-slow test-wheel demo clean
+.PHONY: install test test-slow test-wheel demo app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-wheel: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m ip2p_jax.demo
+
+# The web UI with the demo model on http://127.0.0.1:7860 (more flags: make app APP_ARGS="--port 8000")
+app: $(STAMP)
+	$(BIN)/ip2p app $(APP_ARGS)
 
 clean:
 	rm -rf $(VENV)
