@@ -12,6 +12,25 @@ VAE_ENCODE_GFLOP_512 = 1100.0
 VAE_DECODE_GFLOP_512 = 2500.0
 CLIP_TEXT_GFLOP = 13.0       # one 77-token sequence through CLIP ViT-L/14's text tower
 
+# The benchmarked architectures (diffusers / transformers config keys): SD 1.5 InstructPix2Pix and
+# tiny stand-ins for checking a script on CPU.
+SD15_UNET = dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77)
+
 # Dense bf16 peak TFLOP/s by device kind (the first listed name found in jax's device_kind).
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L4": 121.0, "TPU v6": 918.0,
                "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}

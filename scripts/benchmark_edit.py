@@ -29,28 +29,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench_common import UNET_GFLOP_512, edit_gflop_per_image, mfu, peak_memory_gib  # noqa: E402
+from bench_common import (CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, UNET_GFLOP_512,  # noqa: E402
+                          edit_gflop_per_image, mfu, peak_memory_gib)
 
-SD15 = {
-    "unet": dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
-    "vae": dict(block_out_channels=[128, 256, 512, 512], latent_channels=4, layers_per_block=2, sample_size=512,
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
-    "text": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-                 pad_token_id=49407, bos_token_id=49406, eos_token_id=49407),
-}
-TINY = {  # the peer script's --tiny shapes
-    "unet": dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
-                 cross_attention_dim=32, attention_head_dim=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
-    "vae": dict(block_out_channels=[32, 64], latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2),
-    "text": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, pad_token_id=999, bos_token_id=998, eos_token_id=999),
-}
+SD15 = {"unet": SD15_UNET, "vae": SD_VAE,
+        "text": dict(CLIP_L, pad_token_id=49407, bos_token_id=49406, eos_token_id=49407)}
+TINY = {"unet": TINY_UNET, "vae": TINY_VAE,   # the peer script's --tiny shapes
+        "text": dict(TINY_CLIP, pad_token_id=999, bos_token_id=998, eos_token_id=999)}
 
 
 class WordTokenizer:

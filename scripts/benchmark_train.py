@@ -25,7 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_common import mfu, peak_memory_gib, train_gflop_per_example  # noqa: E402
+from bench_common import (CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, mfu,  # noqa: E402
+                          peak_memory_gib, train_gflop_per_example)
 from ip2p_jax.diffusion.schedules import TrainingSchedule  # noqa: E402
 from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
@@ -34,22 +35,7 @@ from ip2p_jax.train import parallel, state as st  # noqa: E402
 from ip2p_jax.train.build import random_params  # noqa: E402
 from ip2p_jax.train.step import Models, StepConfig  # noqa: E402
 
-SD15_UNET = dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=77)
+
 def build(args):
     if args.dtype is None:  # bf16 where it is fast; XLA:CPU runs bf16 convolutions slowly
         args.dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"

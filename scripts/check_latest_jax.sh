@@ -20,7 +20,8 @@ cp -r examples configs "$WORK/" && cd "$WORK"
 NEW="$ROOT/$VENV/bin/ip2p"
 "$NEW" -q edit --image examples/*.png --instruction "make the background blue" --seed 0 --out new
 "$NEW" train --config configs/train.py:tiny --workdir run
-"$NEW" train --config configs/train.py:tiny --workdir run --config.train.num_steps=30 | grep "resumed from"
+"$NEW" train --config configs/train.py:tiny --workdir run --config.train.num_steps=30 2>&1 | tee resume.log
+grep -q "resumed from" resume.log
 "$NEW" export --workdir run --out model
 "$NEW" -q edit --model model --image examples/shapes_0.png --instruction "make it red" --steps 2 --out tiny
 "$ROOT/.venv/bin/ip2p" -q edit --image examples/*.png --instruction "make the background blue" --seed 0 --out pinned

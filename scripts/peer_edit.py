@@ -26,26 +26,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import edit_gflop_per_image, mfu  # noqa: E402
+from bench_common import CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, edit_gflop_per_image, mfu  # noqa: E402,E501
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "ip2p_jax", "demo_model", "tokenizer")
 
-SD15_UNET = dict(sample_size=64, in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 cross_attention_dim=32, attention_head_dim=4,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=77)
 
 
 def random_pipeline(tiny: bool, dtype, device):

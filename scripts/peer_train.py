@@ -20,8 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import mfu, train_gflop_per_example  # noqa: E402
-from peer_edit import CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE  # noqa: E402
+from bench_common import CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, mfu, train_gflop_per_example  # noqa: E402,E501
 
 
 def main(argv=None) -> int:
