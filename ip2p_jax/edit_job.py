@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from PIL import Image
 
 from ip2p_jax import files
 from ip2p_jax import images as imlib
+from ip2p_jax import jsonl
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.pipeline import MAX_SCALE, EditPipeline, check_request
 from ip2p_jax.progress import progress
@@ -112,17 +112,7 @@ def read_manifest(path: str, *, base_seed: int = 0) -> tuple[list[Row], list[Bad
         raise JobError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
     folder = os.path.dirname(os.path.abspath(path))
     rows, bad, seen = [], [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
-            bad.append(BadRow(number, f"not JSON ({e})"))
-            continue
-        if not isinstance(obj, dict):
-            bad.append(BadRow(number, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
+    for number, obj in jsonl.objects(lines, path, on_bad=lambda n, reason: bad.append(BadRow(n, reason))):
         try:
             row = _row(obj, number, folder, base_seed)
         except JobError as e:
