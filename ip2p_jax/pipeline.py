@@ -96,7 +96,8 @@ class EditPipeline:
     components: ip2p_jax.weights.Components (configs, numpy params, tokenizer, scheduler config).
     dtype: params and compute dtype (None: bf16 on GPU/TPU, fp32 on CPU; see ip2p_jax.dtypes).
     mesh: a ('data',) mesh (default: all devices; see ip2p_jax.sharding.data_mesh).
-    attention_impl: "auto" (cuDNN fused attention on GPU in bf16/fp16), "xla" or "cudnn".
+    attention_impl: "auto" (Pallas kernel on TPU, cuDNN on GPU in bf16/fp16, else XLA), "xla", "cudnn" or
+      "pallas" (forced: a TPU program from any host; see models.layers.attention).
     The model is placed on the mesh by ip2p_jax.placement.
     """
 
