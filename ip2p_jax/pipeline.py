@@ -286,8 +286,7 @@ class EditPipeline:
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
-        generic, kind = samplers.generic_plan(plan)
-        out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
+        out = self._edit_jit(self.params, samplers.generic_plan(plan), pixels, cond,
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         return out, chunk
 
@@ -383,11 +382,11 @@ class EditPipeline:
 # ---------------------------------------------------------------------- the compiled edit
 
 def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
-    """The whole edit as one jitted function; the sampler is a run-time argument (`kind`, an index
-    into samplers.SAMPLERS, with samplers.generic_plan), so one compile serves all four."""
+    """The whole edit as one jitted function; the sampler is run-time data (samplers.generic_plan:
+    per-step coefficients of one formula), so one compile serves all four."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-    def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+    def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
         # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
         mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
         image_latents = jax.lax.with_sharding_constraint(mean, batch)
@@ -398,13 +397,13 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
 
         eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
         step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
-        latents = samplers.sample(eps_fn, noise, plan, step_keys, kind=kind)
+        latents = samplers.sample(eps_fn, noise, plan, step_keys)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
         return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
-    donate = () if jax.default_backend() == "cpu" else (3,)
-    return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
+    donate = () if jax.default_backend() == "cpu" else (2,)
+    return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
                    out_shardings=batch, donate_argnums=donate)
 
 
