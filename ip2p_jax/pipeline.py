@@ -29,6 +29,7 @@ from ip2p_jax.diffusion import guidance, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
+from ip2p_jax.tokenizer import MAX_LENGTH
 from ip2p_jax.weights import load
 
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
@@ -290,6 +291,35 @@ class EditPipeline:
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         return out, chunk
 
+    def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
+               platform: str | None = None):
+        """The whole compiled edit (VAE encode, every sampler step, VAE decode; sharded over this
+        pipeline's mesh) as a jax.export.Exported for `platform` ("cpu", "cuda", "tpu"; default the
+        default backend). Serialise with `.serialize()`, reload with jax.export.deserialize and run
+        with `.call(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale)`,
+        no tracing: plan = export_plan(pipe.plan(sampler, steps, schedule)) (run-time data: any
+        sampler of that step count), the rest what edit() feeds its compiled function (shapes:
+        `exported.in_avals`). A TPU program from another host needs attention_impl="pallas".
+        batch: rows per call (a multiple of the device count); size: image side or (height, width)."""
+        check_request(steps=steps, batch_size=batch)
+        if batch % self.num_devices:
+            raise EditError(f"export: batch {batch} is not a multiple of the {self.num_devices} devices")
+        h, w = (size, size) if np.ndim(size) == 0 else size
+        f = self.vae_scale
+        if h % f or w % f:
+            raise EditError(f"export: size {h}x{w} is not a multiple of the VAE factor {f}")
+        template = samplers.generic_plan(self.plan(sampler, steps, schedule))
+        edit_jit = self._edit_jit
+        run = jax.jit(lambda params, plan, *rest: edit_jit(params, template.replace(**plan), *rest))
+        sds = jax.ShapeDtypeStruct
+        text = (MAX_LENGTH, self.text_config.hidden_size)
+        abstract = lambda tree: jax.tree.map(lambda a: sds(a.shape, a.dtype), tree)  # noqa: E731
+        args = (abstract(self.params), abstract(export_plan(template)),
+                sds((batch, h, w, 3), jnp.float32), sds((batch,) + text, self.dtype), sds(text, self.dtype),
+                sds((batch,), jnp.uint32), sds((batch, h // f, w // f, self.vae_config.latent_channels), jnp.float32),
+                sds((batch,), jnp.float32), sds((batch,), jnp.float32))
+        return jax.export.export(run, platforms=[platform or jax.default_backend()])(*args)
+
     @staticmethod
     def _collect(out, chunk: list) -> list:
         arrays = sharding.to_host(out)[:len(chunk)]
@@ -405,6 +435,11 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
     donate = () if jax.default_backend() == "cpu" else (2,)
     return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
                    out_shardings=batch, donate_argnums=donate)
+
+
+def export_plan(plan: samplers.Plan) -> dict:
+    """A sampler plan as the plain dict of arrays an exported edit takes (see EditPipeline.export)."""
+    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name != "sampler"}
 
 
 def _make_autoencode_function(vae):
