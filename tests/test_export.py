@@ -7,11 +7,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import edit_fixtures as fx
+from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.train import state as st
+from ip2p_jax.train import step as sp
+from ip2p_jax.train.export_step import export_train_step, out_tree
 from ip2p_jax.weights import load
 
 pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers (pyproject: add it)")
@@ -40,3 +45,28 @@ def test_export_edit_for_tpu_contains_the_pallas_kernel(components):
     assert exported.platforms == ("tpu",)
     assert "tpu_custom_call" in exported.mlir_module()
     assert len(jax.export.deserialize(exported.serialize()).in_avals) == len(exported.in_avals)
+
+
+def tiny_train_step(components, attention_impl):
+    c = components
+    unet = UNet2DConditionModel(c.unet_config, dtype=jnp.float32, attention_impl=attention_impl)
+    opt = st.OptimizerConfig()
+    tx = st.make_optimizer(opt)
+    step_fn = sp.make_train_step(sp.Models(unet=unet), sp.StepConfig(), tx, st.learning_rate_schedule(opt))
+    state = st.abstract_train_state({"unet": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                                                          c.unet_params)}, tx)
+    b, h, w, ch = 2, 8, 8, c.vae_config.latent_channels
+    sds = jax.ShapeDtypeStruct
+    text = (77, c.text_config.hidden_size)
+    frozen = {"null_embedding": sds(text, jnp.float32), "alphas_cumprod": sds((1000,), jnp.float32)}
+    batch = {"input_moments": sds((b, h, w, 2 * ch), jnp.float32), "edited_moments": sds((b, h, w, 2 * ch), jnp.float32),
+             "text_embedding": sds((b,) + text, jnp.float32), "example_id": sds((b,), jnp.int32)}
+    return step_fn, state, frozen, batch
+
+
+def test_export_train_step_for_tpu_contains_the_pallas_kernel(components):
+    step_fn, state, frozen, batch = tiny_train_step(components, "pallas")
+    exported = export_train_step(step_fn, state, frozen, batch, platform="tpu")
+    assert "tpu_custom_call" in exported.mlir_module()
+    reloaded = jax.export.deserialize(exported.serialize())
+    assert len(reloaded.out_avals) == out_tree(step_fn, state, frozen, batch).num_leaves
