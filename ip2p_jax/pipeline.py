@@ -287,7 +287,11 @@ class EditPipeline:
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
-        out = self._edit_jit(self.params, samplers.generic_plan(plan), pixels, cond,
+        # fewer guidance branches where the chunk's scales make them exact (one compile per set)
+        branches = guidance.branches_for([j.text_scale for j in chunk], [j.image_scale for j in chunk])
+        fn = self._edit_jit if branches == guidance.FULL else placement.compiled(
+            _make_edit_function, self.unet, self.vae, float(self.vae_config.scaling_factor), self.mesh, branches)
+        out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
                              sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         return out, chunk
 
@@ -411,7 +415,7 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- the compiled edit
 
-def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
+def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL):
     """The whole edit as one jitted function; the sampler is run-time data (samplers.generic_plan:
     per-step coefficients of one formula), so one compile serves all four."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -422,10 +426,10 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
         image_latents = jax.lax.with_sharding_constraint(mean, batch)
         noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
 
-        def model_fn(x, t, text):   # the 3-way batch: rows [cond, image-only, uncond] per example
+        def model_fn(x, t, text):   # the guidance batch: rows [cond, image-only, uncond] (or `branches`) per example
             return unet.apply({"params": params["unet"]}, x, t, text)
 
-        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
+        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches)
         step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
         latents = samplers.sample(eps_fn, noise, plan, step_keys)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
