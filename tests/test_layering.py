@@ -48,7 +48,7 @@ LAYERS = {
                 "pipeline", "metrics", "train", "datagen.shapes", "datagen.layout"},
     "demo": {"datagen", "datagen.shapes", "pipeline", "images"},
     "commands": {"demo", "pipeline", "weights", "diffusion", "images", "sharding", "data", "train"},
-    "cli": {"commands"},
+    "cli": {"commands", "sharding"},
     "app": {"commands", "demo", "pipeline", "diffusion", "images"},
 }
 # Imported inside functions on purpose: optional extras, or slow imports only some paths need.
