@@ -109,10 +109,34 @@ def attention(
     return (out, probs) if return_probs else out
 
 
-def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm with fp32 two-pass statistics (as PyTorch autocast does), output cast to `dtype`."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on NHWC / (B, L, C): fp32 statistics in one pass over x, params `scale`
+    and `bias` (flax.linen.GroupNorm's names), output in `dtype`. One pass: the mean and mean square
+    of x minus a per-group shift (the group's first position's mean), so E[d^2] - E[d]^2 does not
+    cancel when the mean is large; both reductions read x once."""
+
+    num_groups: int
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        shift = jax.lax.stop_gradient(jnp.mean(g[:, :1], axis=(1, 3), keepdims=True))
+        d = g - shift
+        m1 = jnp.mean(d, axis=(1, 3), keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(d), axis=(1, 3), keepdims=True) - jnp.square(m1), 0.0)
+        y = (d - m1) * jax.lax.rsqrt(var + self.epsilon)
+        return (y.reshape(x.shape) * scale + bias).astype(self.dtype)
+
+
+def group_norm(groups: int, eps: float, dtype, name: str) -> GroupNorm:
+    """GroupNorm with fp32 one-pass statistics (as accurate as PyTorch's at the parity tolerances),
+    output cast to `dtype`."""
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
