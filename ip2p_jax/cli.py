@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from ip2p_jax import sharding
 from ip2p_jax.commands import app, convert, edit, export, train
 from ip2p_jax.errors import Ip2pError
 
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                            default=logging.INFO, help="log debug messages too")
     verbosity.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
                            help="log warnings and errors only")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not keep compiled programs on disk (default: on, in $IP2P_COMPILE_CACHE or "
+                             "~/.cache/ip2p_jax/xla; IP2P_COMPILE_CACHE=0 also turns it off)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -59,6 +63,8 @@ def configure_logging(level: int) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    if not args.no_compile_cache:
+        sharding.default_compilation_cache()
     try:
         return int(args._command.run(args) or 0)
     except Ip2pError as e:  # bad input or settings: the message says what and where

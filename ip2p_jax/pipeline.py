@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ip2p_jax import dtypes, placement, sharding
@@ -29,7 +30,7 @@ from ip2p_jax.diffusion import guidance, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
-from ip2p_jax.tokenizer import tokenize
+from ip2p_jax.tokenizer import MAX_LENGTH, tokenize
 from ip2p_jax.weights import load
 
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
@@ -97,7 +98,8 @@ class EditPipeline:
     components: ip2p_jax.weights.Components (configs, numpy params, tokenizer, scheduler config).
     dtype: params and compute dtype (None: bf16 on GPU/TPU, fp32 on CPU; see ip2p_jax.dtypes).
     mesh: a ('data',) mesh (default: all devices; see ip2p_jax.sharding.data_mesh).
-    attention_impl: "auto" (cuDNN fused attention on GPU in bf16/fp16), "xla" or "cudnn".
+    attention_impl: "auto" (Pallas kernel on TPU, cuDNN on GPU in bf16/fp16, else XLA), "xla", "cudnn" or
+      "pallas" (forced: a TPU program from any host; see models.layers.attention).
     The model is placed on the mesh by ip2p_jax.placement.
     """
 
@@ -292,10 +294,48 @@ class EditPipeline:
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
-        generic, kind = samplers.generic_plan(plan)
-        out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
-                             sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
+        fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk])
+        out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
+                 sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
         return out, chunk
+
+    def _edit_function(self, text_scales, image_scales):
+        """The compiled edit for these rows: fewer guidance branches where their scales make that
+        exact (one compile per branch set), else the full 3-way one."""
+        branches = guidance.branches_for(list(text_scales), list(image_scales))
+        if branches == guidance.FULL:
+            return self._edit_jit
+        return placement.compiled(_make_edit_function, self.unet, self.vae, float(self.vae_config.scaling_factor),
+                                  self.mesh, branches)
+
+    def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
+               platform: str | None = None):
+        """The whole compiled edit (VAE encode, every sampler step, VAE decode; sharded over this
+        pipeline's mesh) as a jax.export.Exported for `platform` ("cpu", "cuda", "tpu"; default the
+        default backend). Serialise with `.serialize()`, reload with jax.export.deserialize and run
+        with `.call(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale)`,
+        no tracing: plan = export_plan(pipe.plan(sampler, steps, schedule)) (run-time data: any
+        sampler of that step count), the rest what edit() feeds its compiled function (shapes:
+        `exported.in_avals`). A TPU program from another host needs attention_impl="pallas".
+        batch: rows per call (a multiple of the device count); size: image side or (height, width)."""
+        check_request(steps=steps, batch_size=batch)
+        if batch % self.num_devices:
+            raise EditError(f"export: batch {batch} is not a multiple of the {self.num_devices} devices")
+        h, w = (size, size) if np.ndim(size) == 0 else size
+        f = self.vae_scale
+        if h % f or w % f:
+            raise EditError(f"export: size {h}x{w} is not a multiple of the VAE factor {f}")
+        template = samplers.generic_plan(self.plan(sampler, steps, schedule))
+        edit_jit = self._edit_jit
+        run = jax.jit(lambda params, plan, *rest: edit_jit(params, template.replace(**plan), *rest))
+        sds = jax.ShapeDtypeStruct
+        text = (MAX_LENGTH, self.text_config.hidden_size)
+        abstract = lambda tree: jax.tree.map(lambda a: sds(a.shape, a.dtype), tree)  # noqa: E731
+        args = (abstract(self.params), abstract(export_plan(template)),
+                sds((batch, h, w, 3), jnp.float32), sds((batch,) + text, self.dtype), sds(text, self.dtype),
+                sds((batch,), jnp.uint32), sds((batch, h // f, w // f, self.vae_config.latent_channels), jnp.float32),
+                sds((batch,), jnp.float32), sds((batch,), jnp.float32))
+        return jax.export.export(run, platforms=[platform or jax.default_backend()])(*args)
 
     @staticmethod
     def _collect(out, chunk: list) -> list:
@@ -331,11 +371,12 @@ class EditPipeline:
         init = glob(np.stack([self.initial_noise(int(s), shape) for s in seeds]))
         pixels = glob(np.stack([imlib.to_model_array(im) for im in images]))
         rep = sharding.replicated(self.mesh)
-        generic, kind = samplers.generic_plan(plan)
-        out = self._edit_jit(self.params, generic, sharding.to_global(kind, rep), pixels, cond,
-                             sharding.to_global(self.encode_text([""])[0], rep),
-                             glob(np.asarray(seeds, np.uint32)), init,
-                             glob(np.asarray(text_scales, np.float32)), glob(np.asarray(image_scales, np.float32)))
+        # the scales are those of every process's rows (a collective call needs one program on all)
+        all_scales = multihost_utils.process_allgather(np.asarray([text_scales, image_scales], np.float32))
+        fn = self._edit_function(np.ravel(all_scales[..., 0, :]), np.ravel(all_scales[..., 1, :]))
+        out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
+                 sharding.to_global(self.encode_text([""])[0], rep), glob(np.asarray(seeds, np.uint32)), init,
+                 glob(np.asarray(text_scales, np.float32)), glob(np.asarray(image_scales, np.float32)))
         return sharding.to_local(out, self.mesh)
 
     # ------------------------------------------------------------------ request -> jobs
@@ -422,35 +463,40 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- the compiled edit
 
-def _make_edit_function(unet, vae, scaling: float, mesh: Mesh):
-    """The whole edit as one jitted function; the sampler is a run-time argument (`kind`, an index
-    into samplers.SAMPLERS, with samplers.generic_plan), so one compile serves all four."""
+def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL):
+    """The whole edit as one jitted function; the sampler is run-time data (samplers.generic_plan:
+    per-step coefficients of one formula), so one compile serves all four."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-    def edit(params, plan, kind, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+    def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
         # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
         mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
         image_latents = jax.lax.with_sharding_constraint(mean, batch)
         noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
 
-        def model_fn(x, t, text):   # the 3-way batch: rows [cond, image-only, uncond] per example
+        def model_fn(x, t, text):   # the guidance batch: rows [cond, image-only, uncond] (or `branches`) per example
             return unet.apply({"params": params["unet"]}, x, t, text)
 
-        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale)
+        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches)
         step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
-        latents = samplers.sample(eps_fn, noise, plan, step_keys, kind=kind)
+        latents = samplers.sample(eps_fn, noise, plan, step_keys)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
         return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
-    donate = () if jax.default_backend() == "cpu" else (3,)
-    return jax.jit(edit, in_shardings=(rep, rep, rep, batch, batch, rep, batch, batch, batch, batch),
+    donate = () if jax.default_backend() == "cpu" else (2,)
+    return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
                    out_shardings=batch, donate_argnums=donate)
 
 
 def _make_local_text_function(text_encoder, mesh: Mesh):
     """The text encoder over batch-sharded token ids (each process's own rows)."""
     return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.batch_sharding(mesh))
+
+
+def export_plan(plan: samplers.Plan) -> dict:
+    """A sampler plan as the plain dict of arrays an exported edit takes (see EditPipeline.export)."""
+    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name != "sampler"}
 
 
 def _make_autoencode_function(vae):

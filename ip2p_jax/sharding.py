@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+DEFAULT_CACHE_ENV = "IP2P_COMPILE_CACHE"   # the CLI default: a directory, or 0 for off
 CACHE_ENV = "IP2P_JAX_COMPILATION_CACHE"
 
 
@@ -108,3 +109,12 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def default_compilation_cache() -> str | None:
+    """The CLI's default: the persistent cache on, in $IP2P_COMPILE_CACHE if set (a directory), else
+    enable_compilation_cache's default; off (None) when IP2P_COMPILE_CACHE is 0, off or false."""
+    setting = os.environ.get(DEFAULT_CACHE_ENV, "").strip()
+    if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    return enable_compilation_cache(setting or None)

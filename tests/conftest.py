@@ -8,6 +8,7 @@ from train_helpers import FAST_XLA  # noqa: E402
 
 # Tests compare numbers, not speed: unoptimised XLA compiles several times faster on CPU.
 os.environ.setdefault("XLA_FLAGS", FAST_XLA)
+os.environ.setdefault("IP2P_COMPILE_CACHE", "0")   # the CLI's persistent compile cache: off in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

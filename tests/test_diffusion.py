@@ -4,7 +4,7 @@ A deterministic fake model, eps = a_c * x + b_c * sin(t / 10) per channel c, is 
 torch (NCHW) and JAX (NHWC); the same full sampling loop must give the same latents. Every loop
 test runs through `samplers.sample`, the loop the edit pipeline and the pair stage ship, twice:
 with the sampler fixed at trace time (the pair stage) and chosen at run time by a traced index
-(`kind`, what the pipeline's one compiled edit does).
+(`generic_plan`, what the pipeline's one compiled edit does).
 """
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_modul
 
 from ip2p_jax import diffusion as D
 from ip2p_jax.diffusion import schedules as S
+from ip2p_jax.diffusion import samplers
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 5, 6, 4)  # B, h, w, C (NHWC)
@@ -87,17 +88,11 @@ def run_static(plan, x, keys=None, ancestral_noise=None):
     return D.sample(eps_jax, x, plan, keys, ancestral_noise=ancestral_noise)
 
 
-@jax.jit
-def _run_kind(plan, kind, x, keys, ancestral_noise):
-    return D.sample(eps_jax, x, plan, keys, kind=kind, ancestral_noise=ancestral_noise)
-
-
 def run_kind(plan, x, keys=None, ancestral_noise=None):
-    """samplers.sample with the sampler chosen at run time: a generic plan and a traced index.
-    This path draws ancestral noise at every step for every sampler, so it always needs keys."""
-    generic, kind = D.generic_plan(plan)
+    """samplers.sample with the sampler chosen at run time: a generic plan (the sampler name
+    erased). This path draws ancestral noise at every step for every sampler, so it always needs keys."""
     keys = keys_for(range(x.shape[0])) if keys is None else keys
-    return _run_kind(generic, kind, x, keys, ancestral_noise)
+    return run_static(D.generic_plan(plan), x, keys, ancestral_noise)
 
 
 @pytest.fixture(params=["static", "run_time"])
@@ -289,7 +284,7 @@ def test_dpmpp_2m_matches_authors_kdiffusion(run):
     plan = D.make_plan("dpmpp_2m", 16, "kdiffusion")
     assert_loop_matches(run, plan, x, want)
     # the second-order history term matters: dropping it misses by far more than the tolerance
-    first_order = plan.replace(history_weight=jnp.zeros_like(plan.history_weight))
+    first_order = samplers.with_coefficients(plan.replace(history_weight=jnp.zeros_like(plan.history_weight)))
     assert rel_err(run(first_order, jnp.asarray(x)), want) > 20 * RTOL_SCALE
 
 
@@ -313,32 +308,34 @@ def test_sample_needs_keys_for_ancestral_noise():
     x3 = jnp.asarray(noise(11, (3,) + SHAPE[1:]))
     with pytest.raises(ValueError, match="euler_a: needs per-example PRNG keys"):
         D.sample(eps_jax, x3, D.make_plan("euler_a", 8))
-    generic, kind = D.generic_plan(D.make_plan("ddim", 8))   # at run time any sampler may be euler_a
+    generic = D.generic_plan(D.make_plan("ddim", 8))   # at run time any sampler may be euler_a
     with pytest.raises(ValueError, match="run time: needs per-example PRNG keys"):
-        D.sample(eps_jax, x3, generic, kind=kind)
+        D.sample(eps_jax, x3, generic)
     with pytest.raises(ValueError, match="2 keys for a batch of 3"):
-        D.sample(eps_jax, x3, generic, keys_for([1, 2]), kind=kind)
+        D.sample(eps_jax, x3, generic, keys_for([1, 2]))
 
 
 def test_run_time_kind_serves_every_sampler_with_one_trace():
-    """The pipeline's case: one compiled loop, the sampler a traced argument; each kind gives what
-    the static loop gives for that sampler."""
+    """The pipeline's case: one compiled loop, the sampler run-time data (coefficients of one
+    formula, no branch); each gives what the static loop gives for that sampler (a deterministic
+    sampler's noise enters times 0)."""
     traces = []
 
     @jax.jit
-    def f(plan, kind, x, keys):
+    def f(plan, x, keys):
         traces.append(1)
-        return D.sample(eps_jax, x, plan, keys, kind=kind)
+        return D.sample(eps_jax, x, plan, keys)
 
     x, keys = jnp.asarray(noise(17)), keys_for([3, 4])
     outs = {}
     for sampler in D.SAMPLERS:
         plan = D.make_plan(sampler, 6)
-        generic, kind = D.generic_plan(plan)
-        assert generic.sampler == D.SAMPLERS[0] and D.SAMPLERS[int(kind)] == sampler
-        outs[sampler] = np.asarray(f(generic, kind, x, keys))
+        generic = D.generic_plan(plan)
+        assert generic.sampler == D.ANY
+        outs[sampler] = np.asarray(f(generic, x, keys))
         np.testing.assert_allclose(outs[sampler], np.asarray(run_static(plan, x, keys)), rtol=0, atol=1e-5)
     assert len(traces) == 1
+    assert not any(e.primitive.name == "cond" for e in jax.make_jaxpr(f)(generic, x, keys).jaxpr.eqns)
     # the kind really selects: every two samplers give clearly different latents
     vals = list(outs.values())
     assert min(np.max(np.abs(a - b)) for k, a in enumerate(vals) for b in vals[k + 1:]) > 1e-2
@@ -357,8 +354,7 @@ def test_eps_fn_receives_the_step_index(selection):
     if selection == "static":
         got = jax.jit(lambda p, x: D.sample(eps_with_step, x, p))(plan, x)
     else:
-        got = jax.jit(lambda p, k, x, keys: D.sample(eps_with_step, x, p, keys, kind=k))(
-            *D.generic_plan(plan), x, keys)
+        got = jax.jit(lambda p, x, keys: D.sample(eps_with_step, x, p, keys))(D.generic_plan(plan), x, keys)
     state = D.init_state(plan, x)
     for i in range(plan.steps):
         state = D.step(plan, state, i, eps_with_step(D.model_input(plan, state, i), plan.timesteps[i], i))

@@ -49,7 +49,7 @@ LAYERS = {
     "demo": {"datagen", "datagen.shapes", "pipeline", "images"},
     "edit_job": {"pipeline", "images", "data"},
     "commands": {"demo", "pipeline", "weights", "diffusion", "images", "sharding", "data", "train", "edit_job"},
-    "cli": {"commands", "commands.app"},
+    "cli": {"commands", "commands.app", "sharding"},
     "app": {"commands", "pipeline", "diffusion", "images"},
     "commands.app": {"app", "commands", "pipeline", "images"},
 }

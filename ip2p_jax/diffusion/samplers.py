@@ -2,8 +2,7 @@
 
     plan = make_plan("euler_a", steps=20)                    # host, numpy; once per setting
     x0 = sample(eps_fn, noise, plan, keys)                   # inside jit; lax.fori_loop
-    generic, kind = generic_plan(plan)                       # or: the sampler chosen at run time,
-    x0 = sample(eps_fn, noise, generic, keys, kind=kind)     # one compile for all four
+    x0 = sample(eps_fn, noise, generic_plan(plan), keys)     # or: one compile for all four samplers
 
 `sample` is the package's one sampling loop: the edit pipeline and the pair stage both run it.
 `eps_fn(model_input, timestep, i) -> eps` sees the noisy latents already scaled for the model,
@@ -14,8 +13,11 @@ per example: ancestral noise of example b at step i is normal(fold_in(keys[b], i
 example's result never depends on the rest of the batch.
 
 Sigma-space samplers keep x = x0 + sigma * eps (k-diffusion's convention); DDIM keeps the
-diffusers variance-preserving sample. Per-step coefficients that only depend on the schedule
-are computed on the host in float64 and stored in the plan as float32.
+diffusers variance-preserving sample. Every sampler step is one linear formula,
+    x' = cx x + ce eps + cp previous_denoised + cn noise,   denoised = x - sigma eps,
+whose per-step coefficients are computed on the host in float64 (from the schedule alone) and
+stored in the plan as float32: the loop body has no branch on the sampler, and a plan whose
+sampler name is erased (`generic_plan`) runs any of them in one compiled loop.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ip2p_jax.diffusion import schedules as sch
 from ip2p_jax.diffusion.schedules import ScheduleError, TrainingSchedule
 
 SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
+ANY = "any"   # generic_plan's sampler name: the coefficients say which sampler runs
 SIGMA_SCHEDULES = ("kdiffusion", "diffusers", "karras")
 DEFAULT_SCHEDULE = {"euler_a": "kdiffusion", "euler": "kdiffusion", "dpmpp_2m": "diffusers", "ddim": "diffusers"}
 
@@ -47,6 +50,7 @@ class Plan:
     sigma_down, sigma_up: (n,) Euler target sigma and ancestral noise std (euler: sigma_up = 0).
     history_weight:   (n,) DPM++ 2M weight w: denoised' = (1+w) denoised - w previous_denoised.
     alphas_cumprod:   (n+1,) DDIM alpha-bar at each step's timestep, then the final one.
+    cx, ce, cp, cn:   (n,) the step formula's coefficients (module docstring).
     Fields a sampler does not use are zeros; `sampler` is static (part of the tree structure).
     """
 
@@ -59,6 +63,10 @@ class Plan:
     sigma_up: jax.Array
     history_weight: jax.Array
     alphas_cumprod: jax.Array
+    cx: jax.Array
+    ce: jax.Array
+    cp: jax.Array
+    cn: jax.Array
 
     @property
     def steps(self) -> int:
@@ -169,8 +177,40 @@ def _plan(sampler, timesteps, sigmas, input_scale, init, **fields) -> Plan:
     defaults = {"sigma_down": np.zeros(n), "sigma_up": np.zeros(n), "history_weight": np.zeros(n),
                 "alphas_cumprod": np.zeros(n + 1)}
     defaults.update(fields)
+    coefs = _coefficients(sampler, np.asarray(sigmas, np.float64), defaults)
     return Plan(sampler=sampler, timesteps=f32(timesteps), sigmas=f32(sigmas), input_scale=f32(input_scale),
-                init_noise_scale=f32(init), **{k: f32(v) for k, v in defaults.items()})
+                init_noise_scale=f32(init), **{k: f32(v) for k, v in {**defaults, **coefs}.items()})
+
+
+def with_coefficients(plan: Plan) -> Plan:
+    """The plan with cx, ce, cp, cn recomputed from its schedule fields (after editing them)."""
+    if plan.sampler not in SAMPLERS:
+        raise ValueError(f"with_coefficients needs a named sampler, got {plan.sampler!r}")
+    fields = {k: np.asarray(getattr(plan, k), np.float64)
+              for k in ("sigma_down", "sigma_up", "history_weight", "alphas_cumprod")}
+    coefs = _coefficients(plan.sampler, np.asarray(plan.sigmas, np.float64), fields)
+    return plan.replace(**{k: jnp.asarray(v.astype(np.float32)) for k, v in coefs.items()})
+
+
+def _coefficients(sampler, sigmas, f) -> dict:
+    """cx, ce, cp, cn of each step (float64), from the sampler's own update rule."""
+    s, s_next = sigmas[:-1], sigmas[1:]
+    n = len(s)
+    zero, one = np.zeros(n), np.ones(n)
+    if sampler in ("euler", "euler_a"):
+        # Euler along d = (x - denoised) / sigma = eps, to sigma_down; then sigma_up noise.
+        return {"cx": one, "ce": np.asarray(f["sigma_down"], np.float64) - s, "cp": zero,
+                "cn": np.asarray(f["sigma_up"], np.float64)}
+    if sampler == "dpmpp_2m":
+        # x' = r x + (1 - r) ((1 + w) denoised - w prev), r = sigma_next / sigma = exp(-h)
+        w = np.asarray(f["history_weight"], np.float64)
+        r = s_next / s
+        return {"cx": r + (1 - r) * (1 + w), "ce": -(1 - r) * (1 + w) * s, "cp": -(1 - r) * w, "cn": zero}
+    # ddim, eta 0: x0 = (x - sqrt(1 - a) eps) / sqrt(a); x' = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+    ac = np.asarray(f["alphas_cumprod"], np.float64)
+    a, a_prev = ac[:-1], ac[1:]
+    return {"cx": np.sqrt(a_prev / a), "ce": np.sqrt(1 - a_prev) - np.sqrt(a_prev * (1 - a) / a), "cp": zero,
+            "cn": zero}
 
 
 # ----------------------------------------------------------------------------- steps (jit-able)
@@ -186,7 +226,8 @@ def model_input(plan: Plan, state: SamplerState, i) -> jax.Array:
 
 
 def is_ancestral(plan: Plan) -> bool:
-    return plan.sampler == "euler_a"
+    """Whether the loop draws ancestral noise: euler_a, and a generic plan (any sampler may be it)."""
+    return plan.sampler in ("euler_a", ANY)
 
 
 def step_noise(keys: jax.Array, i, shape: tuple[int, ...]) -> jax.Array:
@@ -195,50 +236,34 @@ def step_noise(keys: jax.Array, i, shape: tuple[int, ...]) -> jax.Array:
 
 
 def step(plan: Plan, state: SamplerState, i, eps: jax.Array, noise: jax.Array | None = None) -> SamplerState:
-    """Advance from step i to i+1 given the model's eps at step i (and ancestral noise for euler_a)."""
+    """Advance from step i to i+1 given the model's eps at step i (and ancestral noise for euler_a):
+    the one formula of the module docstring, whatever the sampler."""
     x, eps = state.x, eps.astype(jnp.float32)
-    sigma = plan.sigmas[i]
-    if plan.sampler in ("euler", "euler_a"):
-        # Euler along d = (x - denoised) / sigma = eps, to sigma_down; then add sigma_up noise.
-        x = x + eps * (plan.sigma_down[i] - sigma)
-        if plan.sampler == "euler_a":
-            if noise is None:
-                raise ValueError("euler_a: step needs ancestral noise")
-            x = x + noise.astype(jnp.float32) * plan.sigma_up[i]
-        return SamplerState(x=x, prev_denoised=state.prev_denoised)
-    if plan.sampler == "dpmpp_2m":
-        denoised = x - sigma * eps
-        w = plan.history_weight[i]
-        target = (1.0 + w) * denoised - w * state.prev_denoised
-        ratio = plan.sigmas[i + 1] / sigma            # exp(-h), h = log(sigma / sigma_next)
-        return SamplerState(x=ratio * x + (1.0 - ratio) * target, prev_denoised=denoised)
-    # ddim, eta 0: predict x0, then move to the previous alpha-bar along the same eps.
-    a, a_prev = plan.alphas_cumprod[i], plan.alphas_cumprod[i + 1]
-    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-    return SamplerState(x=jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, prev_denoised=state.prev_denoised)
+    new = plan.cx[i] * x + plan.ce[i] * eps + plan.cp[i] * state.prev_denoised
+    if is_ancestral(plan):
+        if noise is None:
+            raise ValueError(f"{plan.sampler}: step needs ancestral noise")
+        new = new + plan.cn[i] * noise.astype(jnp.float32)
+    return SamplerState(x=new, prev_denoised=x - plan.sigmas[i] * eps)
 
 
-def generic_plan(plan: Plan) -> tuple[Plan, np.ndarray]:
-    """(plan with its static sampler name replaced by a placeholder, int32 index of the sampler in
-    SAMPLERS): pass both to `sample(..., kind=...)` and one compiled function serves every sampler
-    of the same step count."""
-    return plan.replace(sampler=SAMPLERS[0]), np.int32(SAMPLERS.index(plan.sampler))
+def generic_plan(plan: Plan) -> Plan:
+    """The plan with its sampler name erased (ANY): one compiled loop serves every sampler of the
+    same step count, with no branch (the coefficients differ, the formula does not). The loop then
+    draws ancestral noise at every step (multiplied by cn = 0 for the deterministic samplers)."""
+    return plan.replace(sampler=ANY)
 
 
 def sample(eps_fn: EpsFn, noise: jax.Array, plan: Plan, keys: jax.Array | None = None, *,
-           kind: jax.Array | None = None, ancestral_noise: jax.Array | None = None) -> jax.Array:
+           ancestral_noise: jax.Array | None = None) -> jax.Array:
     """Run all plan steps with lax.fori_loop; returns the final latents (float32, noise's shape).
 
-    keys: (B,) PRNG keys (typed or raw uint32 (B, 2)), needed by euler_a unless
+    keys: (B,) PRNG keys (typed or raw uint32 (B, 2)), needed by euler_a and generic plans unless
     `ancestral_noise` (steps, B, ...) gives the per-step noise explicitly.
-    kind: None runs `plan.sampler` (static). An int32 index into SAMPLERS (traced or not; from
-    `generic_plan`) picks the sampler at run time through lax.switch and ignores `plan.sampler`;
-    then every step draws its ancestral noise whatever the sampler, so keys (or ancestral_noise)
-    are always needed.
     """
     batch, shape = noise.shape[0], noise.shape[1:]
-    needs_noise = kind is not None or is_ancestral(plan)
-    name = "sampler chosen at run time" if kind is not None else plan.sampler
+    needs_noise = is_ancestral(plan)
+    name = "sampler chosen at run time" if plan.sampler == ANY else plan.sampler
     if needs_noise and ancestral_noise is None:
         if keys is None:
             raise ValueError(f"{name}: needs per-example PRNG keys (or ancestral_noise)")
@@ -253,9 +278,6 @@ def sample(eps_fn: EpsFn, noise: jax.Array, plan: Plan, keys: jax.Array | None =
         z = None
         if needs_noise:
             z = ancestral_noise[i] if ancestral_noise is not None else step_noise(keys, i, shape)
-        if kind is None:
-            return step(plan, state, i, eps, z)
-        branches = [lambda st, e, z, s=s: step(plan.replace(sampler=s), st, i, e, z) for s in SAMPLERS]
-        return jax.lax.switch(kind, branches, state, eps, z)
+        return step(plan, state, i, eps, z)
 
     return jax.lax.fori_loop(0, plan.steps, body, init_state(plan, noise)).x

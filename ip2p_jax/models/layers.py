@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+from ip2p_jax.models import pallas_attention
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+CUDNN_MULTIPLE = 8   # cuDNN attention lengths are padded to this (the true lengths passed along)
 
 
-def _cudnn_ok(q: jax.Array, k: jax.Array, return_probs: bool, probs_source) -> bool:
+def _cudnn_ok(q: jax.Array, return_probs: bool, probs_source) -> bool:
     head_dim = q.shape[-1]
     return (
         not return_probs
@@ -24,11 +27,36 @@ def _cudnn_ok(q: jax.Array, k: jax.Array, return_probs: bool, probs_source) -> b
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0
         and head_dim <= 256
-        # cuDNN's backward (jax 0.11) rejects odd lengths, e.g. cross-attention to 77 CLIP tokens
-        and q.shape[1] % 2 == 0
-        and k.shape[1] % 2 == 0
         and jax.default_backend() == "gpu"
     )
+
+
+def auto_impl(q: jax.Array, return_probs: bool = False, probs_source=None) -> str:
+    """What impl="auto" runs: the Pallas kernel on TPU, cuDNN on GPU where it applies, else XLA.
+    Decided by the default backend at trace time: to produce a TPU program on another host, force
+    impl="pallas" (the models' attention_impl)."""
+    if return_probs or probs_source is not None:
+        return "xla"
+    if jax.default_backend() == "tpu":
+        return "pallas"
+    return "cudnn" if _cudnn_ok(q, return_probs, probs_source) else "xla"
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "cudnn",
+                     causal: bool = False, multiple: int = CUDNN_MULTIPLE) -> jax.Array:
+    """jax.nn.dot_product_attention with q and k/v lengths zero-padded to `multiple` and the true
+    lengths passed, so padded keys get no weight and padded queries are cut off: exact. cuDNN
+    needs this for odd lengths (77 CLIP tokens); implementation="xla" runs the same path anywhere."""
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    lq, lk = -(-q_len // multiple) * multiple, -(-kv_len // multiple) * multiple
+    if (lq, lk) == (q_len, kv_len):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n - t.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+    lengths = lambda n: jnp.full((batch,), n, jnp.int32)  # noqa: E731
+    out = jax.nn.dot_product_attention(pad(q, lq), pad(k, lk), pad(v, lk), is_causal=causal,
+                                       query_seq_lengths=lengths(q_len), key_value_seq_lengths=lengths(kv_len),
+                                       implementation=implementation)
+    return out[:, :q_len]
 
 
 def attention(
@@ -44,9 +72,10 @@ def attention(
 ):
     """Scaled dot-product attention on (batch, length, heads, head_dim) arrays.
 
-    impl: "xla" (einsum + softmax; exact in fp32; the only one that can return or
-    replace probabilities), "cudnn" (fused kernel, GPU, bf16/fp16), or "auto" (cudnn
-    when the backend, dtype and shape allow it, else xla).
+    impl: "xla" (einsum + softmax; exact in fp32; the only one that can return or replace
+    probabilities), "cudnn" (fused kernel, GPU, bf16/fp16; lengths padded to 8 with the true
+    lengths passed), "pallas" (the Pallas TPU splash kernel, see models.pallas_attention; scores
+    always fp32), or "auto" (see auto_impl).
     upcast: compute scores and softmax in fp32 (diffusers' `upcast_attention`).
     probs_source: optional int (batch,) index; row b uses the attention probabilities
     of row probs_source[b] (prompt-to-prompt's self-attention injection).
@@ -56,11 +85,13 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q, k, return_probs, probs_source) else "xla"
+        impl = auto_impl(q, return_probs, probs_source)
+    if impl != "xla" and (return_probs or probs_source is not None):
+        raise ValueError(f"{impl} attention cannot return or replace probabilities; use impl='xla'")
     if impl == "cudnn":
-        if return_probs or probs_source is not None:
-            raise ValueError("cudnn attention cannot return or replace probabilities; use impl='xla'")
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        return padded_attention(q, k, v, causal=causal)
+    if impl == "pallas":
+        return pallas_attention.splash_attention(q, k, v, causal=causal)
 
     dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -78,10 +109,34 @@ def attention(
     return (out, probs) if return_probs else out
 
 
-def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm with fp32 two-pass statistics (as PyTorch autocast does), output cast to `dtype`."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on NHWC / (B, L, C): fp32 statistics in one pass over x, params `scale`
+    and `bias` (flax.linen.GroupNorm's names), output in `dtype`. One pass: the mean and mean square
+    of x minus a per-group shift (the group's first position's mean), so E[d^2] - E[d]^2 does not
+    cancel when the mean is large; both reductions read x once."""
+
+    num_groups: int
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        g = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        shift = jax.lax.stop_gradient(jnp.mean(g[:, :1], axis=(1, 3), keepdims=True))
+        d = g - shift
+        m1 = jnp.mean(d, axis=(1, 3), keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(d), axis=(1, 3), keepdims=True) - jnp.square(m1), 0.0)
+        y = (d - m1) * jax.lax.rsqrt(var + self.epsilon)
+        return (y.reshape(x.shape) * scale + bias).astype(self.dtype)
+
+
+def group_norm(groups: int, eps: float, dtype, name: str) -> GroupNorm:
+    """GroupNorm with fp32 one-pass statistics (as accurate as PyTorch's at the parity tolerances),
+    output cast to `dtype`."""
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:

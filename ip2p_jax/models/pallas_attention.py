@@ -1,0 +1,85 @@
+"""Attention through JAX's Pallas TPU splash-attention kernel, exact for any length and head size.
+
+The kernel wants (heads, length, head_dim) per example, lengths in whole blocks, a lane-sized
+head dimension and an unscaled q. Here: q is scaled first (as the XLA path does, in q's dtype),
+lengths are zero-padded to a block multiple and the padded keys masked out with segment ids
+(their logits are the kernel's mask value, so their weights are exactly 0), head_dim is
+zero-padded to a multiple of 128 (zero columns add exact zeros to q.k; v's zero columns are cut
+off), and the batch is vmapped. Scores and softmax are fp32 inside the kernel (so `upcast`
+holds by construction); backward is the kernel's own (dq and dk/dv kernels).
+
+INTERPRET: run the kernel in Pallas interpret mode (any backend; CPU tests). `interpret()`
+switches it for a block of code.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+LANES = 128          # head_dim is padded to a multiple of this
+MAX_BLOCK = 512      # q / kv tile length; short sequences use one 128-multiple tile
+INTERPRET = False
+
+
+@contextlib.contextmanager
+def interpret(on: bool = True):
+    """Run the Pallas kernel in interpret mode inside the block (set at trace time)."""
+    global INTERPRET
+    old, INTERPRET = INTERPRET, on
+    try:
+        yield
+    finally:
+        INTERPRET = old
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def block_for(length: int) -> int:
+    """The tile length for a sequence: one tile of a 128 multiple up to MAX_BLOCK, else MAX_BLOCK."""
+    return min(MAX_BLOCK, _round_up(length, LANES))
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool, interpret_mode: bool):
+    b = dict(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+             block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+             block_q_dq=block_q, block_kv_dq=block_kv)
+    one = masks.CausalMask((q_len, kv_len)) if causal else masks.FullMask((q_len, kv_len))
+    mask = masks.MultiHeadMask([one] * heads)
+    with jax.ensure_compile_time_eval():   # the mask tables are constants, shared by every trace
+        return splash.make_splash_mha(mask, block_sizes=splash.BlockSizes(**b), head_shards=1, q_seq_shards=1,
+                                  interpret=interpret_mode)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v on (batch, length, heads, head_dim) arrays, via the Pallas kernel
+    (causal: query i sees keys 0..i)."""
+    batch, q_len, heads, d = q.shape
+    kv_len = k.shape[1]
+    dtype = q.dtype
+    q = q * jnp.asarray(1.0 / math.sqrt(d), dtype)
+    bq, bkv = block_for(q_len), block_for(kv_len)
+    lq, lk, dp = _round_up(q_len, bq), _round_up(kv_len, bkv), _round_up(d, LANES)
+
+    def prep(t, length):   # (B, L, H, D) -> (B, H, L_pad, D_pad), zero padded
+        t = jnp.pad(t, ((0, 0), (0, length - t.shape[1]), (0, 0), (0, dp - d)))
+        return jnp.transpose(t, (0, 2, 1, 3))
+
+    qp, kp, vp = prep(q, lq), prep(k, lk), prep(v, lk)
+    kernel = _kernel(heads, lq, lk, bq, bkv, causal, INTERPRET)
+    if lk != kv_len:   # padded keys in their own segment: no real query attends to them
+        seg = splash.SegmentIds(q=jnp.zeros((lq,), jnp.int32),
+                                kv=jnp.asarray((np.arange(lk) >= kv_len).astype(np.int32)))
+        out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=seg))(qp, kp, vp)
+    else:
+        out = jax.vmap(kernel)(qp, kp, vp)
+    return jnp.transpose(out, (0, 2, 1, 3))[:, :q_len, :, :d].astype(dtype)
