@@ -15,7 +15,6 @@ Stable Diffusion / InstructPix2Pix models with `place`; the CLIP metrics place t
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -33,7 +32,7 @@ from ip2p_jax.tokenizer import tokenize
 # Least recently used first; bounded, so a long-lived process (the web UI) serving many model
 # shapes keeps at most MAX_COMPILED jitted functions (and their compiles) alive.
 MAX_COMPILED = 32
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED: dict = {}   # insertion order is use order
 
 
 def compiled(build: Callable, *key) -> Callable:
@@ -41,13 +40,11 @@ def compiled(build: Callable, *key) -> Callable:
     shape (Flax modules hash by their frozen config fields) reuse one jitted function and its
     compiles. At most MAX_COMPILED are kept; the least recently used is dropped first."""
     k = (build,) + key
-    if k in _COMPILED:
-        _COMPILED.move_to_end(k)
-    else:
-        _COMPILED[k] = build(*key)
-        while len(_COMPILED) > MAX_COMPILED:
-            _COMPILED.popitem(last=False)
-    return _COMPILED[k]
+    fn = _COMPILED.pop(k) if k in _COMPILED else build(*key)
+    _COMPILED[k] = fn                  # (re)inserted last: the most recently used
+    while len(_COMPILED) > MAX_COMPILED:
+        del _COMPILED[next(iter(_COMPILED))]
+    return fn
 
 
 def vae_dtype(dtype, vae_config) -> jnp.dtype:
