@@ -2,10 +2,15 @@
 
 Work is streamed in fixed-size batches of pairs across prompt boundaries (one compiled
 function serves the whole run); batch k+1 is started before batch k is scored and written,
-so the host work overlaps the device work. A prompt dir is written once all its candidates
-are scored, atomically (ip2p_jax.datagen.layout): a rerun skips finished prompts and a kill
-loses nothing finished. Everything random is a function of (--seed, prompt index), so a resumed
-or partitioned run writes what one uninterrupted run would.
+so the host work overlaps the device work. Once all its candidates are sampled, a prompt's
+pairs are CLIP-scored together (one fixed batching per prompt, whichever calls its candidates
+came in) and its dir is written, atomically (ip2p_jax.datagen.layout): a rerun skips finished
+prompts and a kill loses nothing finished. Everything random is a function of (--seed, prompt
+index), so a resumed, partitioned or multi-host run writes what one uninterrupted run would.
+
+Multi-host: prompt k of the run belongs to process k % P; each process fills its rows of every
+sharded call with its own prompts' candidates (padding once it runs out; the processes agree on
+the number of calls first), and text encoding, CLIP scoring and writing stay on the process.
 """
 from __future__ import annotations
 
@@ -183,9 +188,9 @@ class _PromptWork:
     prompt: dict
     cond: np.ndarray                    # (2, 77, D) [input, edited] caption embeddings
     text_features: np.ndarray | None    # (2, D) CLIP text features, None without a filter
-    pending: int                        # candidates not yet scored
+    pending: int                        # candidates not yet sampled
     results: dict = dataclasses.field(default_factory=dict)   # seed -> metadata line
-    images: dict = dataclasses.field(default_factory=dict)    # seed -> (uint8 img0, img1); kept candidates only
+    images: dict = dataclasses.field(default_factory=dict)    # seed -> (uint8 img0, img1)
 
 
 def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings: PairSettings = PairSettings(), *,
@@ -263,22 +268,13 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
 
     def collect(result, chunk, draws):
         images = to_uint8(sharding.to_local(result, sampler.mesh)[:len(chunk)])
-        rows_of: dict[_PromptWork, list[int]] = {}
-        for r, (work, _) in enumerate(chunk):
-            rows_of.setdefault(work, []).append(r)
-        for work, rows in rows_of.items():
-            scores = (pair_scores(scorer, images[rows, 0], images[rows, 1], work.text_features)
-                      if scorer is not None else [{}] * len(rows))
-            for r, clip_metadata in zip(rows, scores):
-                seed, (p2p, cfg, _) = chunk[r][1], draws[r]
-                meta = {"seed": seed, "p2p_threshold": p2p, "cfg_scale": cfg, **clip_metadata}
-                work.results[seed] = meta
-                if scorer is None or settings.clip_filter.passes(meta):
-                    work.images[seed] = (images[r, 0].copy(), images[r, 1].copy())
-            work.pending -= len(rows)
-            stats.sampled += len(rows)
+        for r, ((work, seed), (p2p, cfg, _)) in enumerate(zip(chunk, draws)):
+            work.results[seed] = {"seed": seed, "p2p_threshold": p2p, "cfg_scale": cfg}
+            work.images[seed] = (images[r, 0].copy(), images[r, 1].copy())
+            work.pending -= 1
+            stats.sampled += 1
             if work.pending == 0:
-                stats.kept += _write_prompt(out, work, settings, filtered=scorer is not None)
+                stats.kept += _finish_prompt(out, work, settings, scorer)
                 stats.written += 1
         bar.update(len(chunk))
         bar.set_postfix_str(f"prompts={stats.written}/{len(todo)}, kept={stats.kept}")
@@ -305,6 +301,17 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
     else:
         stats.total_pairs = sum(len(seeds) for _, seeds in kept)
     return stats
+
+
+def _finish_prompt(out: Path, work: _PromptWork, settings: PairSettings, scorer) -> int:
+    """CLIP-score a prompt's sampled pairs (all at once), choose and write them; returns how many."""
+    if scorer is not None:
+        seeds = list(work.results)
+        scores = pair_scores(scorer, [work.images[s][0] for s in seeds], [work.images[s][1] for s in seeds],
+                             work.text_features)
+        for seed, clip_metadata in zip(seeds, scores):
+            work.results[seed].update(clip_metadata)
+    return _write_prompt(out, work, settings, filtered=scorer is not None)
 
 
 def _write_prompt(out: Path, work: _PromptWork, settings: PairSettings, *, filtered: bool) -> int:
