@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from ip2p_jax import dtypes, placement, sharding
 from ip2p_jax.diffusion import samplers
@@ -83,7 +83,12 @@ def _make_generate_function(unet, vae, scaling: float, mesh: Mesh):
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images.reshape((pairs, 2) + images.shape[1:])
 
-    return jax.jit(generate, in_shardings=(rep, rep, batch, batch, batch, rep, batch, batch), out_shardings=batch)
+    # Each device samples its own pairs (shard_map): the injection's row gather stays inside a
+    # device's rows instead of XLA all-gathering every layer's attention probabilities.
+    row, whole = PartitionSpec(sharding.DATA), PartitionSpec()
+    per_device = jax.shard_map(generate, mesh=mesh, in_specs=(whole, whole, row, row, row, whole, row, row),
+                               out_specs=row, check_vma=False)
+    return jax.jit(per_device, in_shardings=(rep, rep, batch, batch, batch, rep, batch, batch), out_shardings=batch)
 
 
 def _make_text_function(text_encoder):
