@@ -7,7 +7,10 @@ from the same noise and get the same ancestral noise. While a pair's step index 
 `inject_steps`, the img1 rows take every self-attention's probabilities from the img0 rows
 (uncond from uncond, cond from cond). CFG scale and inject_steps are traced per-pair values,
 so varying them never recompiles; the sampler and the step count are part of the compile.
-The loop is ip2p_jax.diffusion.samplers.sample; the model is placed by ip2p_jax.placement.
+The batch is split over the mesh and each device samples its own pairs (shard_map: no traffic
+between devices), so a pair's result depends on the pairs per device, not on the device or
+process count. The loop is ip2p_jax.diffusion.samplers.sample; the model is placed by
+ip2p_jax.placement.
 """
 from __future__ import annotations
 
