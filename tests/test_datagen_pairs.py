@@ -470,6 +470,7 @@ def test_script_generates_and_reports_bad_input(model, sampler, tmp_path, capsys
     fails(run + ["--resolution", "18"], "resolution must be a positive multiple of 4")
     fails(base + ["--min-cfg", "9", "--max-cfg", "8"], "cfg_range: minimum 9.0 is above maximum 8.0")
     fails(run + ["--seed", "3"], "other settings", "seed: 0 there, 3 now")
+    fails(run + ["--coordinator", "127.0.0.1:1"], "--coordinator, --num_processes and --process_id go together")
     ip2p = tiny.save_pipeline(str(tmp_path / "ip2p"))
     fails(["--model", ip2p] + base[2:], "not an InstructPix2Pix one")
     with pytest.raises(LayoutError, match="prompt 1: needs text keys"):
