@@ -284,8 +284,8 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
     try:
         stream = jobs()
         pending = None   # start call k+1 on the devices before scoring and writing call k
-        for _ in range(calls + 1):
-            started = dispatch(list(itertools.islice(stream, local))) if _ < calls else None
+        for k in range(calls + 1):
+            started = dispatch(list(itertools.islice(stream, local))) if k < calls else None
             if pending is not None:
                 collect(*pending)
             pending = started
