@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -156,3 +155,27 @@ def test_two_processes_write_their_own_prompts_once_and_equal_one_device(setup):
     one_f = _floats(root / "one.log", sampled)
     assert all(np.array_equal(two_f[s], one_f[s]) for s in sampled)
     assert min(float(np.abs(two_f[a] - two_f[b]).max()) for a, b in zip(sampled, sampled[1:])) > 0.01
+
+
+def test_a_refused_resume_stops_every_process(setup):
+    """A dir of process 1's holds another prompt (seen by process 1 only): both processes stop
+    with a message, process 0 is not left waiting in a collective."""
+    root = setup["root"]
+    wrong = root / "wrong"
+    (wrong / "0000001").mkdir(parents=True)
+    (wrong / "0000001" / "prompt.json").write_text(json.dumps({"input": "a", "edit": "b", "output": "c"}))
+    (wrong / "0000001" / "metadata.jsonl").write_text("")
+    flags = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
+    procs = [subprocess.Popen([sys.executable, str(setup["script"]), str(ROOT), str(root / f"wrong{i}.log"),
+                               *_argv(setup, wrong, 4, *flags, "--process_id", str(i))],
+                              env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    try:
+        texts = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], [t[-2000:] for t in texts]
+    assert "0000001 holds a different prompt" in texts[1], texts[1][-4000:]
+    assert "process 1 stopped the run" in texts[0], texts[0][-4000:]
+    assert sorted(os.listdir(wrong)) == ["0000001"]                     # nothing written, not even generation.json
