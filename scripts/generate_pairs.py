@@ -8,7 +8,9 @@ and Prompt-to-Prompt, CLIP-filter them, write the authors' layout.
 Writes <out>/<7-digit prompt index>/{prompt.json, <seed>_0.jpg, <seed>_1.jpg, metadata.jsonl},
 <out>/seeds.json and <out>/generation.json. Resumable: finished prompt dirs are skipped and a
 killed run loses nothing finished. Split work with --partition/--num-partitions (the authors'
-contiguous parts) and/or --start/--end. See docs/generating_pairs.md.
+contiguous parts) and/or --start/--end, or run one job over many hosts (--distributed, or
+--coordinator/--num_processes/--process_id, as `ip2p train`): every process then samples its
+own share of the prompts on its own devices and writes their dirs. See docs/generating_pairs.md.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--quality", type=int, default=100, help="JPEG quality (the authors': 100)")
     p.add_argument("--no-progress", action="store_true")
+    from ip2p_jax.commands import distributed
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -61,8 +65,11 @@ def main(argv=None) -> int:
                             cfg_range=(args.min_cfg, args.max_cfg), seed=args.seed, jpeg_quality=args.quality,
                             clip_filter=ClipFilter(args.clip_threshold, args.clip_dir_threshold,
                                                    args.clip_img_threshold))
+    from ip2p_jax.commands import distributed
+
     start = time.perf_counter()
     try:
+        distributed.init_distributed(args)
         settings.check()
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -76,7 +83,9 @@ def main(argv=None) -> int:
             print("generate_pairs: no --clip-model: pairs are not CLIP-filtered; sampling only --keep "
                   f"({args.keep}) candidates per prompt", file=sys.stderr)
         sampler = PairSampler.from_pretrained(args.model, dtype=args.dtype)
-        print(f"generate_pairs: prompts {indices.start}..{indices.stop - 1} of {len(prompts)} "
+        import jax
+        who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+        print(f"generate_pairs: {who}prompts {indices.start}..{indices.stop - 1} of {len(prompts)} "
               f"(partition {args.partition + 1}/{args.num_partitions}), {sampler.num_devices} device(s), "
               f"{sampler.dtype.name}", file=sys.stderr)
         stats = generate_pairs(sampler, prompts, args.out, settings, scorer=scorer, indices=indices,
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
         print(f"generate_pairs: error: {e}", file=sys.stderr)
         return 2
     secs = time.perf_counter() - start
-    print(f"{stats.written} prompt dirs written ({stats.kept} pairs kept of {stats.sampled} sampled), "
+    print(f"{who}{stats.written} prompt dirs written ({stats.kept} pairs kept of {stats.sampled} sampled), "
           f"{stats.skipped} already finished; {stats.total_pairs} pairs in {args.out}/seeds.json; "
           f"{stats.sampled / max(secs, 1e-9):.2f} pairs sampled/s")
     return 0

@@ -67,12 +67,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partial_dirs(out: Path) -> int:
-    """Delete ``.partial/<name>-<pid>`` dirs whose writer process is gone (or is this one)."""
-    n = 0
+def remove_stale_partial_dirs(out: Path, indices=None) -> int:
+    """Delete ``.partial/<name>-<pid>`` dirs whose writer process is gone (or is this one); with
+    `indices`, only those of these prompts (a multi-host job's process: the others' writers run on
+    other hosts, where their pids mean nothing here)."""
+    n, names = 0, None if indices is None else {dir_name(i) for i in indices}
     for p in (Path(out) / _PARTIAL).glob("*"):
         m = _PARTIAL_RE.match(p.name)
-        if m and p.is_dir() and (int(m[2]) == os.getpid() or not _pid_alive(int(m[2]))):
+        if m and p.is_dir() and (names is None or m[1] in names) and (
+                int(m[2]) == os.getpid() or not _pid_alive(int(m[2]))):
             shutil.rmtree(p)
             n += 1
     return n
@@ -112,11 +115,16 @@ def collect_seeds(out: Path) -> list:
     entries = []
     for p in sorted(Path(out).iterdir()):
         if _DIR_RE.match(p.name) and p.is_dir():
-            lines = (p / "metadata.jsonl").read_text().splitlines()
-            seeds = sorted(json.loads(line)["seed"] for line in lines if line.strip())
+            seeds = dir_seeds(p)
             if seeds:
                 entries.append([p.name, seeds])
     return entries
+
+
+def dir_seeds(folder: Path) -> list[int]:
+    """The sorted kept seeds of one finished prompt dir."""
+    lines = (Path(folder) / "metadata.jsonl").read_text().splitlines()
+    return sorted(json.loads(line)["seed"] for line in lines if line.strip())
 
 
 def remove_empty_partial_root(out: Path) -> None:
@@ -127,10 +135,13 @@ def remove_empty_partial_root(out: Path) -> None:
         pass
 
 
-def finish(out: Path) -> list:
-    """Write ``seeds.json`` from every finished dir (and drop an empty ``.partial/``); returns its entries."""
+def finish(out: Path, extra: list = ()) -> list:
+    """Write ``seeds.json`` from every finished dir, plus `extra` entries (those other hosts
+    wrote, if their dirs are not visible here), and drop an empty ``.partial/``; returns its entries."""
     out = Path(out)
     remove_empty_partial_root(out)
-    entries = collect_seeds(out)
+    entries = dict((name, seeds) for name, seeds in extra if seeds)
+    entries.update(collect_seeds(out))
+    entries = [[name, entries[name]] for name in sorted(entries)]
     files.write_text(out / SEEDS_FILE, json.dumps(entries))
     return entries

@@ -12,10 +12,12 @@ the authors' k-diffusion Euler ancestral sampler. The CLIP filter keeps at most 
 by directional similarity. Output: the authors' layout (ip2p_jax.datagen.layout) plus
 <out>/generation.json (the run's settings, checked when a run resumes).
 
-sampler.py      the jitted pair sampler (4 UNet rows per pair, p2p injection by row index; the
-                loop is ip2p_jax.diffusion.samplers.sample, the model placed by ip2p_jax.placement)
+sampler.py      the jitted pair sampler (4 UNet rows per pair, p2p injection by row index, each
+                device sampling its own pairs; the loop is ip2p_jax.diffusion.samplers.sample, the
+                model placed by ip2p_jax.placement)
 clip_filter.py  the filter thresholds and the choice of survivors
-generate.py     seeds and random draws, batching across prompts, writing prompt dirs
+generate.py     seeds and random draws, batching across prompts, sharing prompts among the
+                processes of a multi-host job, writing prompt dirs
 
 Matches the authors' dataset_creation/generate_img_dataset.py in: defaults (100 steps, 100
 samples, keep 4, 512 px, p2p U[0.1, 0.9], CFG U[7.5, 15], thresholds 0.2 / 0.2 / 0.7 compared

@@ -2,10 +2,15 @@
 
 Work is streamed in fixed-size batches of pairs across prompt boundaries (one compiled
 function serves the whole run); batch k+1 is started before batch k is scored and written,
-so the host work overlaps the device work. A prompt dir is written once all its candidates
-are scored, atomically (ip2p_jax.datagen.layout): a rerun skips finished prompts and a kill
-loses nothing finished. Everything random is a function of (--seed, prompt index), so a resumed
-or partitioned run writes what one uninterrupted run would.
+so the host work overlaps the device work. Once all its candidates are sampled, a prompt's
+pairs are CLIP-scored together (one fixed batching per prompt, whichever calls its candidates
+came in) and its dir is written, atomically (ip2p_jax.datagen.layout): a rerun skips finished
+prompts and a kill loses nothing finished. Everything random is a function of (--seed, prompt
+index), so a resumed, partitioned or multi-host run writes what one uninterrupted run would.
+
+Multi-host: prompt k of the run belongs to process k % P; each process fills its rows of every
+sharded call with its own prompts' candidates (padding once it runs out; the processes agree on
+the number of calls first), and text encoding, CLIP scoring and writing stay on the process.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from ip2p_jax import files, sharding
@@ -119,18 +126,60 @@ def check_prompts(prompts: Sequence) -> None:
             raise layout.LayoutError(f"prompt {i}: needs text keys {layout.PROMPT_KEYS}, got {p!r:.200}")
 
 
-def _check_run_file(out: Path, record: dict) -> None:
-    """Write <out>/generation.json, or check that an earlier run used the same settings."""
+def _check_run_file(out: Path, record: dict) -> bool:
+    """Check that an earlier run of <out> used the same settings; True if it has no generation.json yet."""
     path = out / RUN_FILE
     if not path.exists():
-        files.write_text(path, json.dumps(record, indent=1))
-        return
+        return True
     have, now = json.loads(path.read_text()).get("settings", {}), record["settings"]
     diffs = [f"{k}: {have.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(have) | set(now))
              if have.get(k) != now.get(k)]
     if diffs:
         raise layout.LayoutError(f"{out} was generated with other settings ({'; '.join(diffs)}); resume with "
                                  "the same settings or use a fresh output folder")
+    return False
+
+
+# ---------------------------------------------------------------- agreeing between processes
+
+def _gather(values: np.ndarray) -> np.ndarray:
+    """(processes, *values.shape): every process's `values` (collective; no-op with one process)."""
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values)).reshape((-1,) + values.shape)
+
+
+def _together(step):
+    """Run `step()` on every process; if it raises on any, raise on all (no process is left
+    waiting in a collective for one that stopped)."""
+    error = None
+    try:
+        result = step()
+    except (ValueError, OSError) as e:   # Ip2pError is a ValueError
+        error = e
+    failed = _gather(np.array([error is not None], np.int32))[:, 0]
+    if error is not None:
+        raise error
+    if failed.any():
+        raise layout.LayoutError(f"process {int(np.argmax(failed))} stopped the run (see its message)")
+    return result
+
+
+def _gather_seeds(entries: list) -> list:
+    """[[dir_name, seeds]] of every process from each one's own (small metadata, no images)."""
+    if jax.process_count() == 1:
+        return entries
+    flat = np.array([x for name, seeds in entries for x in (int(name), len(seeds), *seeds)], np.int64)
+    size = int(_gather(np.array([len(flat)], np.int64)).max())
+    rows = _gather(np.pad(flat, (0, size - len(flat)), constant_values=-1))
+    merged = []
+    for row in rows:
+        k = 0
+        while k < len(row) and row[k] >= 0:
+            n = int(row[k + 1])
+            merged.append([layout.dir_name(int(row[k])), [int(x) for x in row[k + 2:k + 2 + n]]])
+            k += 2 + n
+    return merged
 
 
 @dataclasses.dataclass(eq=False)
@@ -139,9 +188,9 @@ class _PromptWork:
     prompt: dict
     cond: np.ndarray                    # (2, 77, D) [input, edited] caption embeddings
     text_features: np.ndarray | None    # (2, D) CLIP text features, None without a filter
-    pending: int                        # candidates not yet scored
+    pending: int                        # candidates not yet sampled
     results: dict = dataclasses.field(default_factory=dict)   # seed -> metadata line
-    images: dict = dataclasses.field(default_factory=dict)    # seed -> (uint8 img0, img1); kept candidates only
+    images: dict = dataclasses.field(default_factory=dict)    # seed -> (uint8 img0, img1)
 
 
 def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings: PairSettings = PairSettings(), *,
@@ -151,88 +200,118 @@ def generate_pairs(sampler: PairSampler, prompts: Sequence[dict], out, settings:
 
     scorer: a ip2p_jax.metrics.clip_scores.ClipScorer (ViT-L/14 in real use); None = no CLIP
       filter: only `keep` candidates per prompt are sampled and all are written.
-    batch_size: pairs per compiled call (default 4 per device; rounded up to the device count).
+    batch_size: pairs per compiled call over all devices (default 4 per device; rounded up to
+      the device count).
     run_info: extra facts recorded in <out>/generation.json (e.g. model paths).
+
+    Multi-host (after jax.distributed.initialize): collective, every process calls it with the
+    same arguments. The k-th prompt of `indices` belongs to process k % P, which encodes its
+    captions, samples its pairs as its rows of each sharded call, CLIP-scores them and writes
+    its dir; process 0 writes generation.json (first) and seeds.json (last, from every process's
+    kept seeds). The returned stats are this process's (total_pairs: the whole seeds.json).
     """
+    p, count = jax.process_index(), jax.process_count()
     settings.check()
     check_prompts(prompts)
     indices = list(range(len(prompts)) if indices is None else indices)
     if any(not 0 <= i < len(prompts) for i in indices):
         raise PairRequestError(f"prompt indices must lie in 0..{len(prompts) - 1}")
+    mine = indices[p::count]
     plan = sampler.plan(settings.steps, settings.sampler, settings.schedule)
     shape = sampler.latent_shape(settings.resolution)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_settings = dict(settings.to_dict(), clip_filter_applied=scorer is not None, dtype=sampler.dtype.name)
-    _check_run_file(out, {"settings": run_settings, **(run_info or {})})
-    layout.remove_stale_partial_dirs(out)
+    record = {"settings": dict(settings.to_dict(), clip_filter_applied=scorer is not None, dtype=sampler.dtype.name),
+              **(run_info or {})}
 
-    todo = [i for i in indices if not layout.is_finished(out, i, prompts[i])]
-    stats = GenerateStats(skipped=len(indices) - len(todo))
+    def prepare():   # every process checks the settings and its own prompts' dirs
+        out.mkdir(parents=True, exist_ok=True)
+        fresh = _check_run_file(out, record)
+        layout.remove_stale_partial_dirs(out, None if count == 1 else mine)
+        return fresh, [i for i in mine if not layout.is_finished(out, i, prompts[i])]
+
+    fresh, todo = _together(prepare)
+    if fresh and p == 0:
+        files.write_text(out / RUN_FILE, json.dumps(record, indent=1))
+    stats = GenerateStats(skipped=len(mine) - len(todo))
     n_candidates = settings.samples_per_prompt if scorer is not None else min(settings.samples_per_prompt,
                                                                                settings.keep)
     total = len(todo) * n_candidates
     size = batch_size or PAIRS_PER_DEVICE * sampler.num_devices
-    size = sharding.padded_size(min(size, sharding.bucket_size(total)), sampler.num_devices)
+    size = sharding.padded_size(min(size, sharding.bucket_size(int(_gather(np.array([total]))[:, 0].sum()))),
+                                sampler.num_devices)
+    local = size * sampler.num_local_devices // sampler.num_devices    # this process's rows of a call
+    calls = int(_gather(np.array([-(-total // local)]))[:, 0].max())    # the same on every process
     null = sampler.encode_text([""])[0]
 
     def jobs() -> Iterator[tuple[_PromptWork, int]]:
         for i in todo:
-            p = prompts[i]
-            captions = [p["input"], p["output"]]
-            work = _PromptWork(i, p, sampler.encode_text(captions),
+            prompt = prompts[i]
+            captions = [prompt["input"], prompt["output"]]
+            work = _PromptWork(i, prompt, sampler.encode_text(captions),
                                scorer.text_features(captions) if scorer is not None else None, n_candidates)
             for seed in candidate_seeds(settings.seed, i, n_candidates):
                 yield work, seed
 
-    def dispatch(chunk):
+    def dispatch(chunk):   # a process out of work fills its rows of the call with padding
         draws = [draw_sample(seed, shape, settings) for _, seed in chunk]
-        pad = lambda rows: sharding.pad_rows(np.asarray(rows), size)  # noqa: E731
-        result = sampler.generate(plan, noise=pad([d[2] for d in draws]), seeds=pad([seed for _, seed in chunk]),
-                                  cond=pad([w.cond for w, _ in chunk]), null=null,
-                                  cfg_scale=pad([d[1] for d in draws]),
-                                  inject_steps=pad([injected_steps(d[0], settings.steps) for d in draws]))
+        if chunk:
+            pad = lambda rows: sharding.pad_rows(np.asarray(rows), local)  # noqa: E731
+            rows = ([d[2] for d in draws], [seed for _, seed in chunk], [w.cond for w, _ in chunk],
+                    [d[1] for d in draws], [injected_steps(d[0], settings.steps) for d in draws])
+        else:
+            pad = lambda rows: np.repeat(np.asarray(rows), local, axis=0)  # noqa: E731
+            rows = ([np.zeros(shape, np.float32)], [0], [np.stack([null, null])], [1.0], [0])
+        noise, seeds, cond, cfg, inject = (pad(r) for r in rows)
+        result = sampler.generate(plan, noise=noise, seeds=seeds, cond=cond, null=null, cfg_scale=cfg,
+                                  inject_steps=inject)
         return result, chunk, draws
 
     def collect(result, chunk, draws):
-        images = to_uint8(sharding.to_host(result)[:len(chunk)])
-        rows_of: dict[_PromptWork, list[int]] = {}
-        for r, (work, _) in enumerate(chunk):
-            rows_of.setdefault(work, []).append(r)
-        for work, rows in rows_of.items():
-            scores = (pair_scores(scorer, images[rows, 0], images[rows, 1], work.text_features)
-                      if scorer is not None else [{}] * len(rows))
-            for r, clip_metadata in zip(rows, scores):
-                seed, (p2p, cfg, _) = chunk[r][1], draws[r]
-                meta = {"seed": seed, "p2p_threshold": p2p, "cfg_scale": cfg, **clip_metadata}
-                work.results[seed] = meta
-                if scorer is None or settings.clip_filter.passes(meta):
-                    work.images[seed] = (images[r, 0].copy(), images[r, 1].copy())
-            work.pending -= len(rows)
-            stats.sampled += len(rows)
+        images = to_uint8(sharding.to_local(result, sampler.mesh)[:len(chunk)])
+        for r, ((work, seed), (p2p, cfg, _)) in enumerate(zip(chunk, draws)):
+            work.results[seed] = {"seed": seed, "p2p_threshold": p2p, "cfg_scale": cfg}
+            work.images[seed] = (images[r, 0].copy(), images[r, 1].copy())
+            work.pending -= 1
+            stats.sampled += 1
             if work.pending == 0:
-                stats.kept += _write_prompt(out, work, settings, filtered=scorer is not None)
+                stats.kept += _finish_prompt(out, work, settings, scorer)
                 stats.written += 1
         bar.update(len(chunk))
         bar.set_postfix_str(f"prompts={stats.written}/{len(todo)}, kept={stats.kept}")
 
-    bar = progress_bar(total=total, desc="pairs", unit="pair", enabled=progress)
+    bar = progress_bar(total=total, desc="pairs" if count == 1 else f"pairs (process {p})", unit="pair",
+                       enabled=progress)
     try:
         stream = jobs()
-        pending = None   # start batch k+1 on the device before scoring and writing batch k
-        while True:
-            chunk = list(itertools.islice(stream, size))
-            started = dispatch(chunk) if chunk else None
+        pending = None   # start call k+1 on the devices before scoring and writing call k
+        for k in range(calls + 1):
+            started = dispatch(list(itertools.islice(stream, local))) if k < calls else None
             if pending is not None:
                 collect(*pending)
             pending = started
-            if pending is None:
-                break
     finally:
         bar.close()
-        layout.remove_empty_partial_root(out)
-    stats.total_pairs = sum(len(seeds) for _, seeds in layout.finish(out))
+        if count == 1:
+            layout.remove_empty_partial_root(out)
+    # seeds.json: process 0, once every process has finished its dirs (the gather is the barrier)
+    kept = _gather_seeds([[layout.dir_name(i), layout.dir_seeds(out / layout.dir_name(i))] for i in mine
+                          if (out / layout.dir_name(i)).is_dir()])
+    if p == 0:
+        stats.total_pairs = sum(len(seeds) for _, seeds in layout.finish(out, kept))
+    else:
+        stats.total_pairs = sum(len(seeds) for _, seeds in kept)
     return stats
+
+
+def _finish_prompt(out: Path, work: _PromptWork, settings: PairSettings, scorer) -> int:
+    """CLIP-score a prompt's sampled pairs (all at once), choose and write them; returns how many."""
+    if scorer is not None:
+        seeds = list(work.results)
+        scores = pair_scores(scorer, [work.images[s][0] for s in seeds], [work.images[s][1] for s in seeds],
+                             work.text_features)
+        for seed, clip_metadata in zip(seeds, scores):
+            work.results[seed].update(clip_metadata)
+    return _write_prompt(out, work, settings, filtered=scorer is not None)
 
 
 def _write_prompt(out: Path, work: _PromptWork, settings: PairSettings, *, filtered: bool) -> int:

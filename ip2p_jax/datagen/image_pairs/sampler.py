@@ -7,19 +7,23 @@ from the same noise and get the same ancestral noise. While a pair's step index 
 `inject_steps`, the img1 rows take every self-attention's probabilities from the img0 rows
 (uncond from uncond, cond from cond). CFG scale and inject_steps are traced per-pair values,
 so varying them never recompiles; the sampler and the step count are part of the compile.
-The loop is ip2p_jax.diffusion.samplers.sample; the model is placed by ip2p_jax.placement.
+The batch is split over the mesh and each device samples its own pairs (shard_map: no traffic
+between devices), so a pair's result depends on the pairs per device, not on the device or
+process count. The loop is ip2p_jax.diffusion.samplers.sample; the model is placed by
+ip2p_jax.placement.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from ip2p_jax import dtypes, placement, sharding
 from ip2p_jax.diffusion import samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import load
 
 ROWS_PER_PAIR = 4            # [uncond img0, uncond img1, cond img0, cond img1]
@@ -82,7 +86,22 @@ def _make_generate_function(unet, vae, scaling: float, mesh: Mesh):
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images.reshape((pairs, 2) + images.shape[1:])
 
-    return jax.jit(generate, in_shardings=(rep, rep, batch, batch, batch, rep, batch, batch), out_shardings=batch)
+    # Each device samples its own pairs (shard_map): the injection's row gather stays inside a
+    # device's rows instead of XLA all-gathering every layer's attention probabilities.
+    row, whole = PartitionSpec(sharding.DATA), PartitionSpec()
+    per_device = jax.shard_map(generate, mesh=mesh, in_specs=(whole, whole, row, row, row, whole, row, row),
+                               out_specs=row, check_vma=False)
+    return jax.jit(per_device, in_shardings=(rep, rep, batch, batch, batch, rep, batch, batch), out_shardings=batch)
+
+
+def _make_text_function(text_encoder):
+    return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids))
+
+
+def _process_copy(tree):
+    """This process's own copy (on one of its devices) of replicated params: computations on it
+    involve no other process."""
+    return jax.tree.map(lambda a: a.addressable_data(0), tree)
 
 
 class PairSampler:
@@ -109,6 +128,8 @@ class PairSampler:
         self.training_schedule = TrainingSchedule.from_config(dict(c.scheduler_config or {}))
         self._generate = placement.compiled(_make_generate_function, self.model.unet, self.model.vae,
                                             float(c.vae_config.scaling_factor), self.mesh)
+        self._text = placement.compiled(_make_text_function, self.model.text_encoder)
+        self._text_params = _process_copy(self.params["text"])
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=None, mesh: Mesh | None = None, **load_kwargs) -> "PairSampler":
@@ -119,6 +140,11 @@ class PairSampler:
     @property
     def num_devices(self) -> int:
         return sharding.data_size(self.mesh)
+
+    @property
+    def num_local_devices(self) -> int:
+        """Devices of the mesh that belong to this process."""
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
 
     def plan(self, steps: int, sampler: str = "euler_a", schedule: str | None = None) -> samplers.Plan:
         """Sampler plan for this model's training betas (euler_a + "kdiffusion" = the authors')."""
@@ -135,24 +161,31 @@ class PairSampler:
         return side, side, self.vae_config.latent_channels
 
     def encode_text(self, texts) -> np.ndarray:
-        """(N, 77, D) last hidden states; batches padded to a power of two (few compiled shapes)."""
-        return self.model.encode_text(texts)
+        """(N, 77, D) last hidden states; batches padded to a power of two (few compiled shapes).
+        Process-local: each process encodes its own prompts, no other process takes part."""
+        ids = tokenize(self.tokenizer, list(texts))
+        n = len(ids)
+        ids = sharding.pad_rows(ids, sharding.bucket_size(n, minimum=2))
+        return np.asarray(self._text(self._text_params, ids))[:n]
 
     def generate(self, plan: samplers.Plan, noise, seeds, cond, null, cfg_scale, inject_steps) -> jax.Array:
-        """Start sampling P pairs (asynchronously; np.asarray the result to wait). P must be a
-        multiple of the device count.
+        """Start sampling this process's P pairs of one global batch (asynchronously;
+        `sharding.to_local(result, mesh)` waits and returns them). Collective: every process calls
+        it at once with the same P, a multiple of its device count; the rows stay on their process
+        (jax.make_array_from_process_local_data; with one process that is every row).
 
         noise (P, h, w, C) standard normal start noise; seeds (P,) uint32 (ancestral noise at step
         i: normal(fold_in(key(seed), i))); cond (P, 2, 77, D) [input, edited] caption embeddings;
         null (77, D) the empty prompt's; cfg_scale (P,) float; inject_steps (P,) int (see
-        injected_steps). Returns (P, 2, H, W, 3) float32 images in [0, 1].
+        injected_steps). Returns the global (P * processes, 2, H, W, 3) float32 images in [0, 1],
+        batch-sharded.
         """
-        b, r = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         arrays = [np.asarray(noise, np.float32), np.asarray(seeds, np.uint32), np.asarray(cond),
                   np.asarray(cfg_scale, np.float32), np.asarray(inject_steps, np.int32)]
-        if len({len(a) for a in arrays}) != 1 or len(arrays[0]) % self.num_devices:
+        local = self.num_local_devices
+        if len({len(a) for a in arrays}) != 1 or len(arrays[0]) % local:
             raise PairRequestError(f"generate: per-pair inputs have lengths {[len(a) for a in arrays]}; they "
-                                   f"must agree and be a multiple of {self.num_devices} devices")
-        noise, seeds, cond, cfg_scale, inject_steps = (sharding.to_global(a, b) for a in arrays)
-        return self._generate(self.params, plan, noise, seeds, cond, sharding.to_global(np.asarray(null), r),
-                              cfg_scale, inject_steps)
+                                   f"must agree and be a multiple of this process's {local} devices")
+        noise, seeds, cond, cfg_scale, inject_steps = (sharding.local_to_global(a, self.mesh) for a in arrays)
+        null = sharding.to_global(np.asarray(null), sharding.replicated(self.mesh))
+        return self._generate(self.params, plan, noise, seeds, cond, null, cfg_scale, inject_steps)
