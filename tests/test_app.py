@@ -107,6 +107,18 @@ def test_generate_returns_png_and_the_edit_sidecar(pipe, tmp_path):
     assert np.array_equal(np.asarray(again.image), np.asarray(outs[0].image))   # the reported seed reproduces
 
 
+def test_randomized_seed_and_scales_are_reported(pipe, tmp_path):
+    """The authors' randomise controls: the seed and scales used come back (to fill in the fields),
+    within the authors' ranges, and a reported seed given back is kept."""
+    img = fx.sample_images(1)[0]
+    _, _, seed, ts, i_s = app.generate(pipe, img, "", LIMITS, str(tmp_path), randomize_seed=True,
+                                       randomize_scales=True, **OK)
+    assert 0 <= seed < 2 ** 31 and 6 <= ts <= 9 and 1.2 <= i_s <= 1.8
+    _, _, seed2, ts2, _ = app.generate(pipe, img, "", LIMITS, str(tmp_path), seed=seed, randomize_seed=False,
+                                       text_scale=5.0, **OK)
+    assert (seed2, ts2) == (seed, 5.0)
+
+
 def test_sweep_equals_individual_edits(pipe, tmp_path):
     img = fx.sample_images(1)[0]
     grid, paths, seed, cells = app.sweep(pipe, img, fx.INSTRUCTION, LIMITS, str(tmp_path), text_scales="2, 7.5",

@@ -241,16 +241,6 @@ def test_four_devices_match_one(model_dir, batched, tmp_path):
     np.testing.assert_allclose(got["five"][3:], one[:2], atol=1e-4)
 
 
-def test_app_generate_reports_seed_and_scales(pipe):
-    from ip2p_jax import app
-
-    image = fx.sample_images(1)[0]
-    out, seed, ts, i_s = app.edit_once(pipe, image, "", randomize_seed=True, randomize_scales=True, resolution=64)
-    assert out.size == (64, 64) and 0 <= seed < 2 ** 31 and 6 <= ts <= 9 and 1.2 <= i_s <= 1.8
-    _, seed2, ts2, _ = app.edit_once(pipe, image, "", seed=seed, randomize_seed=False, text_scale=5.0)
-    assert (seed2, ts2) == (seed, 5.0)
-
-
 def test_long_instruction_truncated_with_warning(pipe, caplog):
     long = " ".join(["make it winter"] * 40)
     with caplog.at_level("WARNING"):
