@@ -19,7 +19,7 @@ import pytest
 
 from ip2p_jax.datagen.image_pairs import candidate_seeds
 from test_datagen_pairs import PROMPTS, RES, STEPS, Model
-from train_helpers import subprocess_env
+from train_helpers import finish, logged_writes as _writes, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
@@ -92,18 +92,7 @@ def _run(setup, runs, timeout=300) -> list[str]:
     procs = [subprocess.Popen([sys.executable, str(setup["script"]), str(ROOT), str(log), *argv],
                               env=subprocess_env(devices=devices), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for log, argv, devices in runs]
-    try:
-        texts = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, text in zip(procs, texts):
-        assert p.returncode == 0, text[-4000:]
-    return texts
-
-
-def _writes(log) -> list:
-    return [tuple(json.loads(x)) for x in open(log).read().splitlines()] if os.path.exists(log) else []
+    return finish(procs, timeout)
 
 
 def _files(out: Path) -> dict:

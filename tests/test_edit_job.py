@@ -19,7 +19,7 @@ from PIL import Image
 
 import edit_fixtures as fx
 import tiny
-from train_helpers import subprocess_env
+from train_helpers import finish as _finish, logged_writes as _writes, subprocess_env
 
 N_ROWS = 12          # valid rows; plus the bad ones below
 WORKER = textwrap.dedent("""
@@ -85,21 +85,6 @@ def _start(setup, log, argv, devices, delay=0.0):
     env = subprocess_env(devices=devices, cache_dir=str(setup["root"] / "xla"))
     return subprocess.Popen([sys.executable, setup["script"], str(log), str(delay), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(procs, timeout=300) -> list[str]:
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return logs
-
-
-def _writes(log) -> list:
-    return [tuple(json.loads(x)) for x in open(log).read().splitlines()] if os.path.exists(log) else []
 
 
 def _pixels(out) -> dict:

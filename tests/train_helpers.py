@@ -1,4 +1,4 @@
-"""Shared by tests/test_train_*.py: fast XLA:CPU compile flags for the training subprocesses, and
+"""Shared by the multi-process tests: fast XLA:CPU compile flags for their subprocesses, waiting for them, and
 module fixtures computed once per test run even when pytest-xdist spreads a module's tests over
 several workers (the first worker computes under a file lock, the others read its JSON result)."""
 from __future__ import annotations
@@ -23,6 +23,23 @@ def subprocess_env(devices: int = 1, cache_dir: str | None = None) -> dict:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
+
+
+def finish(procs, timeout: float = 300) -> list[str]:
+    """Wait for subprocesses started together; their outputs (each must exit 0; all killed on a timeout)."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+def logged_writes(log) -> list:
+    """The JSON lines a test's worker logged, one tuple per line ([] if it never wrote)."""
+    return [tuple(json.loads(x)) for x in open(log).read().splitlines()] if os.path.exists(log) else []
 
 
 def _run_root(tmp_path_factory) -> str:
