@@ -83,6 +83,18 @@ def atomic_file(path: str, mode: str = "wb", *, exclusive: bool = False) -> Iter
             os.unlink(tmp)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host: the stale test for the lock and owner files that
+    record who writes (a workdir lock, a dataset build, a prompt folder being generated)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process; a garbled pid
+        return pid > 0
+    return True
+
+
 def _claim(tmp: str, path: str) -> None:
     """Give the finished `tmp` the name `path` unless `path` exists (FileExistsError)."""
     try:

@@ -27,16 +27,6 @@ def write_owner(build_dir: str) -> None:
     files.write_json(os.path.join(build_dir, OWNER), {"pid": os.getpid(), "host": socket.gethostname()})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
 def _abandoned(build_dir: str) -> bool:
     try:
         with open(os.path.join(build_dir, OWNER)) as f:
@@ -48,7 +38,7 @@ def _abandoned(build_dir: str) -> bool:
             return False
     if owner.get("host") != socket.gethostname():
         return False    # another host's build (a shared filesystem): not ours to judge
-    return not _alive(int(owner.get("pid", -1)))
+    return not files.pid_alive(int(owner.get("pid", -1)))
 
 
 def _size(path: str) -> int:

@@ -57,16 +57,6 @@ def read_prompts(path, error: type[ValueError] = LayoutError) -> list[dict]:
     return prompts
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partial_dirs(out: Path, indices=None) -> int:
     """Delete ``.partial/<name>-<pid>`` dirs whose writer process is gone (or is this one); with
     `indices`, only those of these prompts (a multi-host job's process: the others' writers run on
@@ -75,7 +65,7 @@ def remove_stale_partial_dirs(out: Path, indices=None) -> int:
     for p in (Path(out) / _PARTIAL).glob("*"):
         m = _PARTIAL_RE.match(p.name)
         if m and p.is_dir() and (names is None or m[1] in names) and (
-                int(m[2]) == os.getpid() or not _pid_alive(int(m[2]))):
+                int(m[2]) == os.getpid() or not files.pid_alive(int(m[2]))):
             shutil.rmtree(p)
             n += 1
     return n

@@ -47,16 +47,6 @@ def make_workdir(workdir: str) -> str:
     return workdir
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # exists, another user's
-        return True
-    return True
-
-
 class WorkdirLock:
     """Process 0's lock on a workdir (other processes hold nothing)."""
 
@@ -86,7 +76,7 @@ class WorkdirLock:
             holder = self._holder()
             if holder is None:            # vanished or unreadable between the two calls: try again
                 continue
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+            if holder.get("host") == me["host"] and not files.pid_alive(int(holder.get("pid", -1))):
                 log.warning("%s: stale lock of process %s (no longer running) on this host; taking it over",
                             self.path, holder.get("pid"))
                 try:
