@@ -4,6 +4,7 @@ Each writer returns {example id: expected example dict} using the ids the builde
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -132,3 +133,12 @@ def fast_tokenizer_file(tok, path) -> str:
     with open(path, "w") as f:
         json.dump([tok.backend_tokenizer.to_str(), tok.pad_token_id, tok.eos_token_id], f)
     return str(path)
+
+
+def build_tfds_script():
+    """scripts/build_tfds.py as a module (its main(argv) is the CLI)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "build_tfds.py")
+    spec = importlib.util.spec_from_file_location("build_tfds", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

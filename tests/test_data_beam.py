@@ -1,6 +1,5 @@
 """The TFDS build through an Apache Beam pipeline (DirectRunner) equals the plain build."""
 import builtins
-import importlib.util
 import logging
 import os
 
@@ -14,7 +13,6 @@ from test_data_build import _check_readback
 
 pytest.importorskip("apache_beam")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_WORKERS = "runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 IN_PROCESS = "runner=DirectRunner"
 
@@ -110,9 +108,7 @@ def test_missing_beam_names_the_extra(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "d")
     # the plain build never needs it
     assert B.build_dataset("jsonl", str(tmp_path / "src"), str(tmp_path / "d"), progress=False).total == 4
-    spec = importlib.util.spec_from_file_location("build_tfds", os.path.join(ROOT, "scripts", "build_tfds.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = dh.build_tfds_script()
     argv = ["--format", "jsonl", "--source", str(tmp_path / "src"), "--data-dir", str(tmp_path / "d2"),
             "--no-progress", "--beam"]
     assert script.main(argv) == 2
@@ -120,9 +116,7 @@ def test_missing_beam_names_the_extra(tmp_path, monkeypatch, capsys):
 
 
 def test_script_beam_build(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("build_tfds", os.path.join(ROOT, "scripts", "build_tfds.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = dh.build_tfds_script()
     dh.write_jsonl(str(tmp_path / "src"), n=8)
     os.remove(tmp_path / "src" / "img" / "2_in.png")
     argv = ["--format", "jsonl", "--source", str(tmp_path / "src"), "--data-dir", str(tmp_path / "d"),

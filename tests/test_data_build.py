@@ -1,5 +1,4 @@
 """TFDS build from the three source formats: read-back equality, splits, bad items, atomicity."""
-import importlib.util
 import json
 import os
 
@@ -9,7 +8,6 @@ import data_helpers as dh
 from ip2p_jax.data import builder as B
 from ip2p_jax.data import sources as S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _check_readback(builder, expected: dict, split_key: str = "prompt_id"):
@@ -198,9 +196,7 @@ def test_many_shards_keep_order(tmp_path, monkeypatch):
 
 
 def test_script(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("build_tfds", os.path.join(ROOT, "scripts", "build_tfds.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = dh.build_tfds_script()
     dh.write_jsonl(str(tmp_path / "src"), n=8)
     os.remove(tmp_path / "src" / "img" / "2_in.png")
     argv = ["--format", "jsonl", "--source", str(tmp_path / "src"), "--data-dir", str(tmp_path / "d"),

@@ -2,12 +2,12 @@
 disjoint host slices covering the split, and the assembled global batch."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import data_helpers as dh
 import tiny
+from train_helpers import free_port
 from ip2p_jax.data import builder as B
 
 HOST_SCRIPT = r"""
@@ -52,11 +52,6 @@ jax.distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes(tmp_path):
     dh.write_authors(str(tmp_path / "src"), n_prompts=40, seeds=(1, 2))
@@ -66,7 +61,7 @@ def test_two_processes(tmp_path):
     tok = dh.fast_tokenizer_file(tiny.tokenizer(str(tmp_path / "tok")), tmp_path / "tok.json")
     script = tmp_path / "host.py"
     script.write_text(HOST_SCRIPT)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), report.path, tok,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import pytest
 
 from ip2p_jax.datagen.image_pairs import candidate_seeds
 from test_datagen_pairs import PROMPTS, RES, STEPS, Model
-from train_helpers import finish, logged_writes as _writes, subprocess_env
+from train_helpers import free_port, finish, logged_writes as _writes, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
@@ -55,11 +54,6 @@ WORKER = textwrap.dedent("""
 """)
 N_PROMPTS, PER_DEVICE = 5, 2      # 5 prompts x 3 candidates; 2 pairs per device per call in both runs
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +106,7 @@ def test_two_processes_write_their_own_prompts_once_and_equal_one_device(setup):
     (two / "0000003").mkdir(parents=True)    # a finished dir whose candidates were all filtered out
     (two / "0000003" / "prompt.json").write_text(setup["prompts"].read_text().splitlines()[3])
     (two / "0000003" / "metadata.jsonl").write_text("")
-    port, logs = _free_port(), [root / f"two{i}.log" for i in range(2)]
+    port, logs = free_port(), [root / f"two{i}.log" for i in range(2)]
     flags = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2"]
     texts = _run(setup, [(root / "one.log", _argv(setup, root / "one", 1), 1)]
                  + [(logs[i], _argv(setup, two, 4, *flags, "--process_id", str(i)), 2) for i in range(2)])[1:]
@@ -154,7 +148,7 @@ def test_a_refused_resume_stops_every_process(setup):
     (wrong / "0000001").mkdir(parents=True)
     (wrong / "0000001" / "prompt.json").write_text(json.dumps({"input": "a", "edit": "b", "output": "c"}))
     (wrong / "0000001" / "metadata.jsonl").write_text("")
-    flags = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
+    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
     procs = [subprocess.Popen([sys.executable, str(setup["script"]), str(ROOT), str(root / f"wrong{i}.log"),
                                *_argv(setup, wrong, 4, *flags, "--process_id", str(i))],
                               env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from PIL import Image
 
 import edit_fixtures as fx
 import tiny
-from train_helpers import finish as _finish, logged_writes as _writes, subprocess_env
+from train_helpers import free_port, finish as _finish, logged_writes as _writes, subprocess_env
 
 N_ROWS = 12          # valid rows; plus the bad ones below
 WORKER = textwrap.dedent("""
@@ -40,11 +39,6 @@ WORKER = textwrap.dedent("""
     sys.exit(cli.main(argv))
 """)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +94,7 @@ def one_process(setup):
 
 
 def test_two_processes_write_their_own_rows_once_and_equal_one_process(setup, one_process):
-    out, port = setup["root"] / "two", _free_port()
+    out, port = setup["root"] / "two", free_port()
     logs = [setup["root"] / f"two{i}.log" for i in range(2)]
     flags = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2"]
     texts = _finish([_start(setup, logs[i], _argv(setup, out, *flags, "--process_id", str(i)), devices=2)

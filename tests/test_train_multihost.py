@@ -7,22 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
+from train_helpers import ROOT, free_port, run_once, subprocess_env, tiny_config, tokenizer_dir
 
 FIRST, SECOND = 3, 5
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tmp: str, workdir: str, tok: str, mode: str, steps: int) -> list[dict]:

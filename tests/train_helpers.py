@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,6 +24,13 @@ def subprocess_env(devices: int = 1, cache_dir: str | None = None) -> dict:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the coordinator of a two-process test, a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish(procs, timeout: float = 300) -> list[str]:
