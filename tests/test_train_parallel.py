@@ -84,7 +84,9 @@ def worker(out_path: str, tokenizer_dir: str) -> None:
     out["steps"] = {name: int(s.step) for name, s in states.items()}
 
     # Non-finite: a NaN pixel makes the loss NaN -> the update is skipped, then a finite batch applies.
-    nan_batch = dict(batches[0], input_image=batches[0]["input_image"].copy())
+    from ip2p_jax.data.augment import to_float
+
+    nan_batch = dict(batches[0], input_image=to_float(batches[0]["input_image"]))  # floats: a pixel can be NaN
     nan_batch["input_image"][0, 0, 0, 0] = np.nan
     runner = runners["one"]
     state = runner.init_state(built.params, config.seed)

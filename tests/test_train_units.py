@@ -218,7 +218,7 @@ def test_init_from_sd_widens_conv_in_and_from_ip2p_continues(sd_and_ip2p_folders
 
 
 def test_tfds_source_feeds_the_step_inputs(tmp_path):
-    """config.data.source=tfds: the run's stream gives this host's batch of [-1, 1] images and token ids."""
+    """config.data.source=tfds: the run's stream gives this host's batch of uint8 images and token ids."""
     import data_helpers
     import tiny
     from ip2p_jax.data.builder import build_dataset
@@ -232,5 +232,29 @@ def test_tfds_source_feeds_the_step_inputs(tmp_path):
     batch = model_inputs(next(make_train_data(c, tiny.tokenizer(str(tmp_path / "tok")))))
     assert sorted(batch) == ["edited_image", "input_ids", "input_image"]
     assert batch["input_image"].shape == batch["edited_image"].shape == (8, 16, 16, 3)
-    assert batch["input_image"].min() >= -1 and batch["input_image"].max() <= 1
+    assert batch["input_image"].dtype == np.uint8   # bytes on the wire; the step scales them on the device
     assert batch["input_ids"].shape == (8, 77) and batch["input_ids"].dtype == np.int32
+
+
+def test_uint8_batches_train_as_their_float_images(tmp_path):
+    """config.data.image_dtype: a uint8 batch (scaled on the device) gives the same step as the host's
+    [-1, 1] floats of the same pixels; a batch of other pixels does not (negative control)."""
+    from train_helpers import tiny_config, tokenizer_dir
+    from ip2p_jax.data.augment import to_float
+    from ip2p_jax.train.build import build
+    from ip2p_jax.train.data import make_train_data, model_inputs
+
+    config = tiny_config(tokenizer_dir(str(tmp_path)))
+    built = build(config)
+    raw = model_inputs(next(make_train_data(config, built.tokenizer)))
+    assert raw["input_image"].dtype == np.uint8
+    floats = dict(raw, input_image=to_float(raw["input_image"]), edited_image=to_float(raw["edited_image"]))
+    other = dict(raw, edited_image=255 - raw["edited_image"])
+    ocfg = st.OptimizerConfig.from_mapping(config.optim)
+    mesh = parallel.make_mesh(1, 1)
+    runner = parallel.MeshRunner(built.models, built.step_config, st.make_optimizer(ocfg),
+                                 st.learning_rate_schedule(ocfg), mesh, 0)
+    frozen = runner.put_frozen(built.frozen)
+    losses = [float(runner.scalars(runner.step(runner.init_state(built.params, config.seed), frozen,
+                                               runner.put_batch(b))[1])["loss"]) for b in (raw, floats, other)]
+    assert losses[0] == losses[1] and losses[2] != losses[0]

@@ -75,8 +75,12 @@ def apply_params(im: Image.Image, p: JointParams, crop_size: int) -> np.ndarray:
     return x[:, ::-1] if p.flip else x
 
 
-def to_float(x: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1], as 2 * x / 255 - 1."""
+IMAGE_DTYPES = ("uint8", "float32")   # how batches carry images: raw 0..255, or to_float's [-1, 1]
+
+
+def to_float(x):
+    """uint8 [0, 255] -> float32 [-1, 1], as 2 * x / 255 - 1 (numpy or jax arrays: the train step
+    applies it on the device to uint8 batches, so the host sends a quarter of the bytes)."""
     return x.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 

@@ -132,8 +132,8 @@ class EditPairPipeline:
         if cfg.global_batch_size % self.process_count:
             raise PipelineError(f"global batch {cfg.global_batch_size} is not divisible by the "
                                 f"{self.process_count} processes")
-        if cfg.image_dtype not in ("float32", "uint8"):
-            raise PipelineError(f"image_dtype must be 'float32' or 'uint8', got {cfg.image_dtype!r}")
+        if cfg.image_dtype not in aug.IMAGE_DTYPES:
+            raise PipelineError(f"image_dtype must be one of {aug.IMAGE_DTYPES}, got {cfg.image_dtype!r}")
         if not 0 <= cfg.seed < 2**32:
             raise PipelineError(f"seed must be in [0, 2**32), got {cfg.seed}")
         self.local_batch_size = cfg.global_batch_size // self.process_count

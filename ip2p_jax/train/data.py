@@ -37,7 +37,7 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
     if d.source == "synthetic":
         return SyntheticPairs(tokenizer, resolution=d.resolution, global_batch_size=batch,
                               seed=config.seed + (1 if validation else 0), num_examples=d.num_examples,
-                              process_index=pi, process_count=pc)
+                              process_index=pi, process_count=pc, image_dtype=d.image_dtype)
     if d.source == "tfds":
         # optional heavy dependency (tensorflow_datasets, grain)
         from ip2p_jax.data.builder import open_dataset
@@ -49,7 +49,8 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
         augment = AugmentConfig(min_resize=d.min_resize, max_resize=d.max_resize, crop_size=d.resolution,
                                 flip_prob=0.5 if d.flip else 0.0, random=not validation)
         cfg = PipelineConfig(split=split, global_batch_size=batch, seed=config.seed, augment=augment,
-                             shuffle=not validation, worker_count=d.workers)
+                             shuffle=not validation, worker_count=d.workers,
+                             image_dtype=d.image_dtype)
         builder = open_dataset(d.path, d.name or None)
         if split not in builder.info.splits:
             key = "validation_split" if validation else "split"

@@ -49,8 +49,7 @@ class Sampler:
         self.pipe = None
         n = config.log.num_samples
         val = _validation_batch(config, built.tokenizer, n)
-        self.images = [np.clip((x + 1) * 127.5, 0, 255).round().astype(np.uint8) for x in val["input_image"]]
-        self.targets = [np.clip((x + 1) * 127.5, 0, 255).round().astype(np.uint8) for x in val["edited_image"]]
+        self.images, self.targets = list(_uint8(val["input_image"])), list(_uint8(val["edited_image"]))
         self.instructions = [built.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in val["input_ids"]]
 
     def __call__(self, step: int, ema_params: dict) -> None:
@@ -71,6 +70,12 @@ class Sampler:
                 self.writer.add_image(f"samples/{i}", np.concatenate([a, b, out], axis=1), step, dataformats="HWC")
                 self.writer.add_text(f"samples/{i}/instruction", self.instructions[i], step)
             self.writer.flush()
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    if images.dtype == np.uint8:
+        return images
+    return np.clip((images.astype(np.float32) + 1) * 127.5, 0, 255).round().astype(np.uint8)
 
 
 def _validation_batch(config, tokenizer, n: int) -> dict:

@@ -21,6 +21,7 @@ from ip2p_jax.data.latent_cache import LatentCacheError, write_records
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.train.build import build
 from ip2p_jax.train.data import make_train_data
+from ip2p_jax.train.step import model_pixels
 
 
 def encode_fn(vae, text_encoder=None):
@@ -28,7 +29,7 @@ def encode_fn(vae, text_encoder=None):
     `text_embedding` with a text encoder, else the `input_ids` themselves)."""
     def encode(vae_params, text_params, input_image, edited_image, input_ids):
         def moments(x):
-            mean, logvar = vae.apply({"params": vae_params}, x, method=vae.encode)
+            mean, logvar = vae.apply({"params": vae_params}, model_pixels(x), method=vae.encode)
             return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
         out = {"input_moments": moments(input_image), "edited_moments": moments(edited_image)}
         if text_encoder is None:

@@ -12,7 +12,8 @@ Randomness is per example: keys are folded from (state.rng, state.step, batch['e
 the same global batch gives the same noise, timesteps and dropout however it is split over
 devices, hosts and micro-batches.
 
-Batches are dicts. Live path: 'input_image', 'edited_image' (B,H,W,3) in [-1,1], 'input_ids'
+Batches are dicts. Live path: 'input_image', 'edited_image' (B,H,W,3) uint8 (scaled to [-1, 1] here,
+on the device) or float in [-1, 1], 'input_ids'
 (B,77) int32. Cached path (latent_cache): 'input_moments', 'edited_moments' (B,h,w,2C) =
 concat(mean, logvar), 'text_embedding' (B,77,D). Both carry 'example_id' (B,) int32.
 """
@@ -27,12 +28,18 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from ip2p_jax.data.augment import to_float
 from ip2p_jax.diffusion.schedules import add_noise
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.dropout import conditioning_dropout
 from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def model_pixels(images: jax.Array) -> jax.Array:
+    """Batch images as the VAE takes them: uint8 -> [-1, 1] float32; floats pass as they are."""
+    return to_float(images) if images.dtype == jnp.uint8 else images
 
 
 class StepConfigError(Ip2pError):
@@ -80,7 +87,7 @@ def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: d
     else:
         # One encoder pass over both images (per-example ops: the same numbers as two passes). Rows are
         # interleaved (edited_0, input_0, edited_1, ...) so a batch-sharded array splits without moving data.
-        edited, source = batch["edited_image"], batch["input_image"]
+        edited, source = model_pixels(batch["edited_image"]), model_pixels(batch["input_image"])
         both = jnp.stack([edited, source], axis=1).reshape((-1,) + edited.shape[1:])
         mean, logvar = models.vae.apply({"params": frozen["vae"]}, both, method=models.vae.encode)
         pair = lambda x: x.reshape((edited.shape[0], 2) + x.shape[1:])  # noqa: E731

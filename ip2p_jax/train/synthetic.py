@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ip2p_jax.data.augment import IMAGE_DTYPES, to_float
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.tokenizer import tokenize
 
@@ -37,18 +38,18 @@ def synthetic_pair(seed: int, index: int, resolution: int) -> tuple[np.ndarray, 
     return a, b, f"make the square {names[after]}"
 
 
-def to_unit_range(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 class SyntheticPairs:
-    """Iterator of host-local batches {'input_image', 'edited_image' (B,H,W,3) in [-1,1], 'input_ids' (B,77)}.
+    """Iterator of host-local batches {'input_image', 'edited_image' (B,H,W,3), 'input_ids' (B,77)}:
+    images uint8 (the train step scales them on the device) or, with image_dtype="float32", in [-1, 1].
 
     Batch n on process p holds global examples n * global_batch + p * local_batch + [0, local_batch).
     """
 
     def __init__(self, tokenizer, *, resolution: int, global_batch_size: int, seed: int = 0,
-                 num_examples: int = 0, process_index: int = 0, process_count: int = 1):
+                 num_examples: int = 0, process_index: int = 0, process_count: int = 1,
+                 image_dtype: str = "uint8"):
+        if image_dtype not in IMAGE_DTYPES:
+            raise SyntheticDataError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
         if global_batch_size % process_count:
             raise SyntheticDataError(f"global batch {global_batch_size} does not split over {process_count} processes")
         self.local = global_batch_size // process_count
@@ -56,6 +57,7 @@ class SyntheticPairs:
         self.resolution, self.seed, self.num_examples = resolution, seed, num_examples
         self._tokenize = lambda texts: tokenize(tokenizer, texts)
         self._next = 0
+        self._images = (lambda x: x) if image_dtype == "uint8" else to_float
 
     def __iter__(self):
         return self
@@ -69,8 +71,8 @@ class SyntheticPairs:
         start = self._next * self.global_batch + self.offset
         pairs = [self.example(i) for i in range(start, start + self.local)]
         self._next += 1
-        return {"input_image": to_unit_range(np.stack([p[0] for p in pairs])),
-                "edited_image": to_unit_range(np.stack([p[1] for p in pairs])),
+        return {"input_image": self._images(np.stack([p[0] for p in pairs])),
+                "edited_image": self._images(np.stack([p[1] for p in pairs])),
                 "input_ids": self._tokenize([p[2] for p in pairs])}
 
     def get_state(self) -> dict:
