@@ -71,8 +71,9 @@ def make_batch(args, b: int, vc, tc, rng) -> dict:
                                       np.full((b, h, h, vc.latent_channels), -4.0)], -1).astype(np.float32)
         return {"input_moments": mom(), "edited_moments": mom(),
                 "text_embedding": rng.standard_normal((b, 77, tc.hidden_size)).astype(np.float32)}
-    return {"input_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
-            "edited_image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32),
+    # uint8 pixels, as training's data sources send them (scaled to [-1, 1] in the step)
+    return {"input_image": rng.integers(0, 256, (b, res, res, 3), dtype=np.uint8),
+            "edited_image": rng.integers(0, 256, (b, res, res, 3), dtype=np.uint8),
             "input_ids": rng.integers(0, tc.vocab_size, (b, 77)).astype(np.int32)}
 
 
