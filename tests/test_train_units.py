@@ -258,3 +258,12 @@ def test_uint8_batches_train_as_their_float_images(tmp_path):
     losses = [float(runner.scalars(runner.step(runner.init_state(built.params, config.seed), frozen,
                                                runner.put_batch(b))[1])["loss"]) for b in (raw, floats, other)]
     assert losses[0] == losses[1] and losses[2] != losses[0]
+
+
+def test_input_workers_default_follows_the_host(monkeypatch):
+    from ip2p_jax.train import data
+
+    for cores, want in ((2, 0), (16, 4), (240, 8)):
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert data.input_workers(-1) == want
+    assert data.input_workers(3) == 3 and data.input_workers(0) == 0

@@ -5,6 +5,8 @@ with JSON `get_state()` / `set_state()`, so the checkpoint resumes it at the nex
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -21,6 +23,15 @@ BATCH_KEYS = ("input_image", "edited_image", "input_ids",                    # l
 
 class DataConfigError(Ip2pError):
     """config.data names no usable source."""
+
+
+def input_workers(setting: int) -> int:
+    """config.data.workers: -1 (the default) = what this host has: a worker process per 4 of its cores,
+    at most 8 (0 on small machines: batches are then built by threads in the training process)."""
+    if setting >= 0:
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores // 4)
 
 
 def make_train_data(config, tokenizer, *, split: str | None = None, validation: bool = False,
@@ -49,7 +60,7 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
         augment = AugmentConfig(min_resize=d.min_resize, max_resize=d.max_resize, crop_size=d.resolution,
                                 flip_prob=0.5 if d.flip else 0.0, random=not validation)
         cfg = PipelineConfig(split=split, global_batch_size=batch, seed=config.seed, augment=augment,
-                             shuffle=not validation, worker_count=d.workers,
+                             shuffle=not validation, worker_count=0 if validation else input_workers(d.workers),
                              image_dtype=d.image_dtype)
         builder = open_dataset(d.path, d.name or None)
         if split not in builder.info.splits:
