@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ip2p_jax import dtypes, masks, placement, sharding
+from ip2p_jax import dtypes, masks, placement, sharding, turns as turnlib
 from ip2p_jax import images as imlib
 from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
@@ -288,6 +288,78 @@ class EditPipeline:
         finally:
             bar.close()
 
+    def edit_sequence(self, images, turns, *, seed=None, names=None, resolution: int | None = None,
+                      resize: str = "authors", mask=None, max_pixels: int = imlib.DEFAULT_MAX_PIXELS,
+                      max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS, progress: bool = False,
+                      **kwargs) -> list[EditResult]:
+        """Multi-turn sessions: each turn's instruction applied to the previous turn's output.
+
+        images: one or a list (one session each). turns: instructions, or objects with
+          "instruction" and per-turn settings (ip2p_jax.turns.TURN_SETTINGS, e.g. "seed",
+          "text_scale", "mask") overriding `kwargs` (edit()'s settings) for that turn.
+        A turn edits the previous turn's 8-bit output (what a user chaining edits would do with the
+        saved PNGs), so a session equals chained edit() calls. Every session advances one turn per
+        edit() call (batched across images). seed: see ip2p_jax.turns (one image: seed, seed + 1, ...).
+        mask (one, or one per image) applies to every turn without its own; masks are given for
+        the inputs and resized with them. Returns one EditResult per turn (outputs in image
+        order); each output's settings add turn, turns, previous_seed and history (earlier turns).
+        """
+        turns = turnlib.normalize(turns)
+        if kwargs.get("num_samples", 1) != 1 or kwargs.get("latents") is not None:
+            raise EditError("edit_sequence: num_samples must be 1 and latents unset (each turn edits one output)")
+        if kwargs.get("randomize_scales"):
+            raise EditError("edit_sequence: randomize_scales does not apply; give scales per turn")
+        imgs = list(images) if isinstance(images, (list, tuple)) else [images]
+        names = [str(x) for x in names] if names is not None else [
+            os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image {i}" for i, x in enumerate(imgs)]
+        if not imgs or len(names) != len(imgs):
+            raise EditError(f"edit_sequence needs at least one image and one name per image, got "
+                            f"{len(imgs)} images and {len(names)} names")
+        resolution = self.native_resolution if resolution is None else resolution
+        if resize not in imlib.RESIZE_MODES:
+            raise EditError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
+        seeds = turnlib.session_seeds(seed, len(imgs), turns)
+        inputs = [_resized_input(im, nm, resize=resize, resolution=resolution, max_pixels=max_pixels,
+                                 max_edit_pixels=max_edit_pixels) for im, nm in zip(imgs, names)]
+
+        def fitted(source, j):   # (mask of input j at its edit size (later turns edit that size), its label)
+            if source is None:
+                return None, None
+            label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"mask of {names[j]}"
+            in_size, img = inputs[j]
+            return masks.fit_mask(masks.load_mask(source, name=label), in_size, img.size, mode=resize,
+                                  name=label), label
+
+        def per_image(value):
+            vals = list(value) if isinstance(value, (list, tuple)) else [value] * len(imgs)
+            if len(vals) != len(imgs):
+                raise EditError(f"{len(vals)} masks for {len(imgs)} images (give one mask, or one per image)")
+            return [fitted(v, j) for j, v in enumerate(vals)]
+
+        session_masks = per_image(mask)
+        current = [img for _, img in inputs]
+        results = []
+        bar = progress_bar(total=len(turns) * len(imgs), desc="turns", unit="img", enabled=progress)
+        try:
+            for t, turn in enumerate(turns):
+                own = {k: v for k, v in turn.items() if k not in ("instruction", "seed", "mask")}
+                turn_masks = per_image(turn["mask"]) if "mask" in turn else session_masks
+                given = [m for m, _ in turn_masks]
+                res = self.edit(current, turn["instruction"], seed=seeds[t], names=names, resolution=resolution,
+                                resize=resize, max_pixels=max_pixels, max_edit_pixels=max_edit_pixels,
+                                mask=given if any(m is not None for m in given) else None,
+                                progress=False, **{**kwargs, **own})
+                for j, out in enumerate(res.outputs):
+                    out.settings.update(turnlib.turn_settings(turns, seeds, t, j), input_size=list(inputs[j][0]))
+                    if turn_masks[j][1] is not None:
+                        out.settings["mask"] = turn_masks[j][1]
+                results.append(res)
+                current = [o.image for o in res.outputs]
+                bar.update(len(imgs))
+        finally:
+            bar.close()
+        return results
+
     def _call_size(self, n: int, batch_size: int | None) -> int:
         """Rows per compiled call: batch_size (fixed, so every call reuses one compiled function),
         or by default the next power of two >= n up to PER_DEVICE_BATCH per device; always a
@@ -331,7 +403,7 @@ class EditPipeline:
         if branches == guidance.FULL and not masked:
             return self._edit_jit
         return placement.compiled(_make_edit_function, self.unet, self.vae, float(self.vae_config.scaling_factor),
-                                  self.mesh, branches, masked)
+                                  self.mesh, branches, *((True,) if masked else ()))
 
     def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
                platform: str | None = None):
@@ -449,12 +521,8 @@ class EditPipeline:
         for j in range(n):
             key = id(imgs[j])
             if key not in resized:
-                src = imgs[j]
-                rgb = (imlib.load_image(os.fspath(src), max_pixels=max_pixels)
-                       if isinstance(src, (str, os.PathLike)) else imlib.to_rgb(src, name=names[j]))
-                imlib.check_pixels(rgb.size, max_pixels, name=names[j])
-                resized[key] = (rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution,
-                                                                name=names[j], max_edit_pixels=max_edit_pixels))
+                resized[key] = _resized_input(imgs[j], names[j], resize=resize, resolution=resolution,
+                                              max_pixels=max_pixels, max_edit_pixels=max_edit_pixels)
             in_size, img = resized[key]
             job_mask, mask_settings = None, {}
             if mask_list[j] is not None:
@@ -568,6 +636,15 @@ def export_plan(plan: samplers.Plan) -> dict:
 def _make_autoencode_function(vae):
     return jax.jit(lambda p, x: jnp.clip(
         vae.apply({"params": p}, x.astype(vae.dtype)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+
+
+def _resized_input(src, name: str, *, resize: str, resolution: int, max_pixels: int, max_edit_pixels: int):
+    """(input size, the RGB image the model edits) of one image, path or array."""
+    rgb = (imlib.load_image(os.fspath(src), max_pixels=max_pixels)
+           if isinstance(src, (str, os.PathLike)) else imlib.to_rgb(src, name=name))
+    imlib.check_pixels(rgb.size, max_pixels, name=name)
+    return rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution, name=name,
+                                           max_edit_pixels=max_edit_pixels)
 
 
 def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:

@@ -1,0 +1,84 @@
+"""Multi-turn sessions (EditPipeline.edit_sequence, ip2p_jax.turns): a session equals chained
+edit() calls on the previous 8-bit outputs, several sessions advance together, seeds and the
+history are recorded per turn, and bad scripts are clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edit_fixtures as fx
+from ip2p_jax import turns as turnlib
+from ip2p_jax.pipeline import EditError, EditPipeline
+
+KW = dict(steps=fx.STEPS, resize="keep", batch_size=fx.BATCH)
+TURNS = [fx.INSTRUCTION, "add a red circle", "turn the sky blue"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return EditPipeline.from_pretrained(fx.tiny_model_dir(tmp_path_factory), dtype="fp32")
+
+
+def test_three_turns_equal_three_chained_edits(pipe):
+    img = fx.sample_images(1)[0]
+    session = pipe.edit_sequence(img, TURNS, seed=40, **KW)
+    assert [r.outputs[0].settings["seed"] for r in session] == [40, 41, 42]
+    current = img
+    for t, text in enumerate(TURNS):
+        single = pipe.edit(current, text, seed=40 + t, progress=False, **KW).outputs[0]
+        assert np.array_equal(session[t].arrays[0], single.array), t
+        current = single.image            # the 8-bit output, as a user chaining edits would
+    # negative control: turn 3 is not turn 2 again, and chaining matters (turn 2 of the input differs)
+    assert np.abs(session[2].arrays[0] - session[1].arrays[0]).max() > 1e-2
+    direct = pipe.edit(img, TURNS[1], seed=41, progress=False, **KW).outputs[0]
+    assert np.abs(direct.array - session[1].arrays[0]).max() > 1e-2
+    s = session[2].outputs[0].settings
+    assert (s["turn"], s["turns"], s["previous_seed"]) == (3, 3, 41)
+    assert s["history"] == [{"instruction": TURNS[0], "seed": 40}, {"instruction": TURNS[1], "seed": 41}]
+    assert session[0].outputs[0].settings["previous_seed"] is None
+    assert session[0].outputs[0].settings["input_size"] == [fx.W, fx.H]
+
+
+def test_sessions_of_several_images_advance_together(pipe):
+    imgs = fx.sample_images(2)
+    turns = [fx.INSTRUCTION, {"instruction": "add a red circle", "seed": 90, "text_scale": 5.0}]
+    both = pipe.edit_sequence(imgs, turns, seed=10, **KW)
+    assert [[o.settings["seed"] for o in r.outputs] for r in both] == [[10, 12], [90, 91]]
+    assert [o.settings["text_scale"] for o in both[1].outputs] == [5.0, 5.0]
+    assert both[1].outputs[1].settings["history"] == [{"instruction": fx.INSTRUCTION, "seed": 12}]
+    alone = pipe.edit_sequence(imgs[1], turns, seed=[12], **KW)      # session 1 alone
+    assert alone[1].outputs[0].settings["seed"] == 90                   # its own seed rule: 90 + 0
+    again = pipe.edit_sequence(imgs[1], [fx.INSTRUCTION, {**turns[1], "seed": 91}], seed=[12], **KW)
+    for t in range(2):
+        assert np.abs(both[t].arrays[1] - again[t].arrays[0]).max() < 1e-5   # batched = alone
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([], "a session has 1 to 64 turns"),
+    ("make it winter", "expected a list of turns"),
+    ([{"instruction": "x", "colour": 1}], r"turn 1: unknown setting\(s\) \['colour'\]"),
+    ([{"seed": 1}], 'turn 1: missing or non-string "instruction"'),
+    (["x", {"instruction": "y", "seed": -3}], r"turn 2: seed must be an integer in \[0, 2\*\*32\)"),
+])
+def test_bad_turns_are_clear_errors(turns, message):
+    with pytest.raises(turnlib.TurnError, match=message):
+        turnlib.normalize(turns)
+
+
+def test_session_refuses_several_samples(pipe):
+    with pytest.raises(EditError, match="num_samples must be 1"):
+        pipe.edit_sequence(fx.sample_images(1)[0], ["x"], num_samples=2, **KW)
+
+
+def test_script_file(tmp_path):
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps(["a", {"instruction": "b", "mask": "m.png", "text_scale": 9}]))
+    turns = turnlib.read_script(str(script))
+    assert turns[1]["mask"] == str(tmp_path / "m.png") and turns[1]["text_scale"] == 9
+    script.write_text("{not json")
+    with pytest.raises(turnlib.TurnError, match=r"s.json: not a JSON script"):
+        turnlib.read_script(str(script))
+    with pytest.raises(turnlib.TurnError, match=r"missing.json: cannot read the script"):
+        turnlib.read_script(str(tmp_path / "missing.json"))
