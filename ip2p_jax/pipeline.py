@@ -264,9 +264,9 @@ class EditPipeline:
             emb = self.encode_text(texts + [""])
             row = {t: i for i, t in enumerate(texts)}
             null = emb[-1]
-            groups: dict[tuple[int, int], list[_Job]] = {}
-            for j in work:
-                groups.setdefault(j.image.size, []).append(j)
+            groups: dict[tuple, list[_Job]] = {}
+            for j in work:   # masked rows run the masked program, the others exactly today's
+                groups.setdefault((j.image.size, j.mask is not None), []).append(j)
             chunks = []
             for group in groups.values():
                 size = self._call_size(len(group), batch_size)
@@ -387,10 +387,9 @@ class EditPipeline:
         masked = any(j.mask is not None for j in chunk)
         fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk], masked)
         extra = ()
-        if masked:   # rows without a mask get a mask of ones: bit-identical to the unmasked edit
-            ones = np.ones((h, w), np.float32)
-            extra = (pad(np.stack([ones if j.mask is None else j.mask for j in chunk])[..., None]),
-                     pad(np.array([j.settings.get("mask_composite", False) for j in chunk], np.bool_)))
+        if masked:   # every row of a masked chunk has its mask
+            extra = (pad(np.stack([j.mask for j in chunk])[..., None]),
+                     pad(np.array([j.settings["mask_composite"] for j in chunk], np.bool_)))
         out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
                  sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale, *extra)
         return out, chunk

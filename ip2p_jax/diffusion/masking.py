@@ -8,7 +8,8 @@ Sigma-space samplers keep x = x0 + sigma_k eps, so noised(k) = x0 + sigma_k nois
 step sigma = 0: exactly the clean latents). DDIM keeps the variance-preserving sample,
 sqrt(a_k) (x0 + sigma_k noise) with a_k its alpha-bar (sigma_k = sqrt((1 - a_k) / a_k)). A plan's
 alphas_cumprod are zeros for the sigma-space samplers, so one formula serves a generic plan.
-A mask of ones leaves x as it is, bit for bit.
+A mask of ones leaves x as it is, bit for bit (op by op; a compiled program may round the
+surrounding step differently, so the pipeline runs unmasked rows in its unmasked program).
 """
 from __future__ import annotations
 
