@@ -4,9 +4,11 @@ history are recorded per turn, and bad scripts are clear errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import edit_fixtures as fx
 from ip2p_jax import turns as turnlib
@@ -82,3 +84,56 @@ def test_script_file(tmp_path):
         turnlib.read_script(str(script))
     with pytest.raises(turnlib.TurnError, match=r"missing.json: cannot read the script"):
         turnlib.read_script(str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------- ip2p edit --then / --script
+
+def _cli(model_dir, images, out, *extra):
+    from ip2p_jax import cli
+
+    return cli.main(["edit", "--model", model_dir, "--image", *images, "--out", str(out), "--steps", str(fx.STEPS),
+                     "--resize", "keep", "--batch-size", str(fx.BATCH), "--quiet", *extra])
+
+
+@pytest.fixture
+def photos(tmp_path):
+    paths = []
+    for i, im in enumerate(fx.sample_images(2)):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        im.save(paths[-1])
+    return paths
+
+
+def test_cli_then_writes_each_turn_with_its_sidecar(pipe, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _cli(pipe.source, photos, out, "--seed", "20", "--instruction", TURNS[0], "--then", TURNS[1],
+                "--then", TURNS[2])
+    assert code == 0, capsys.readouterr().err
+    names = sorted(os.listdir(out))
+    assert names == sorted(f"p{i}_turn{t}.{ext}" for i in range(2) for t in (1, 2, 3) for ext in ("png", "json"))
+    side = json.load(open(out / "p1_turn3.json"))
+    assert (side["turn"], side["seed"], side["previous_seed"], side["input"]) == (3, 25, 24, photos[1])
+    assert [h["seed"] for h in side["history"]] == [23, 24]
+    want = pipe.edit_sequence(photos[1], TURNS, seed=23, **KW)      # input 1: seeds 20 + 1 * 3 + t
+    assert np.array_equal(np.asarray(Image.open(out / "p1_turn3.png")), np.asarray(want[2].images[0]))
+
+
+def test_cli_script_with_per_turn_settings(pipe, photos, tmp_path, capsys):
+    script = tmp_path / "session.json"
+    script.write_text(json.dumps([TURNS[0], {"instruction": TURNS[1], "seed": 7, "text_scale": 4.0}]))
+    out = tmp_path / "out"
+    assert _cli(pipe.source, photos[:1], out, "--seed", "3", "--script", str(script)) == 0
+    side = json.load(open(out / "p0_turn2.json"))
+    assert (side["seed"], side["text_scale"], side["history"][0]["seed"]) == (7, 4.0, 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--instruction", "a", "--instruction", "b", "--then", "c"], "--then continues one --instruction"),
+    (["--instruction", "a", "--then", "b", "--num-samples", "2"], "--num-samples and --randomize-scales do not"),
+    (["--script", "s.json", "--instruction", "a"], "--script holds the session's instructions"),
+    (["--script", "missing.json"], "missing.json: cannot read the script"),
+])
+def test_cli_session_usage_errors(photos, tmp_path, capsys, extra, message):
+    assert _cli("unused-model", photos[:1], tmp_path / "out", *extra) == 2   # before any model is loaded
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
