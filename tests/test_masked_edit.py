@@ -4,7 +4,9 @@ all-black latent mask: the input's own latents), and edit(mask=...) end to end (
 inside edited, negative control), with the bad masks people have."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +210,38 @@ def test_bad_mask_settings(pipe):
         pipe.edit([img, img], fx.INSTRUCTION, mask=[RIGHT] * 3, **KW)
     masks.check_aspect((333, 250), (1000, 750), "m")      # within a pixel: fine
     masks.check_aspect((10, 7), (1000, 750), "m")
+
+
+# ---------------------------------------------------------------- ip2p edit --mask
+
+def _cli(model_dir, images, out, *extra):
+    from ip2p_jax import cli
+
+    return cli.main(["edit", "--model", model_dir, "--image", *images, "--instruction", fx.INSTRUCTION,
+                     "--out", str(out), "--steps", str(fx.STEPS), "--resize", "keep", "--batch-size", str(fx.BATCH),
+                     "--quiet", "--seed", "5", *extra])
+
+
+def test_cli_mask(pipe, tmp_path, capsys):
+    img = fx.sample_images(1)[0]
+    img.save(tmp_path / "photo.png")
+    img.resize((fx.W // 2, fx.H)).save(tmp_path / "narrow.png")            # another aspect: skipped
+    Image.fromarray((RIGHT * 255).astype(np.uint8)).resize((fx.W * 2, fx.H * 2)).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    code = _cli(pipe.source, [str(tmp_path / "photo.png"), str(tmp_path / "narrow.png")], out,
+                "--mask", str(tmp_path / "mask.png"))
+    err = capsys.readouterr().err
+    assert code == 0 and "narrow.png" in err and "aspect ratios differ" in err
+    (png,) = [p for p in os.listdir(out) if p.endswith(".png")]
+    got = np.asarray(Image.open(out / png))
+    assert np.array_equal(got[:, :fx.W // 2 - 6], np.asarray(img)[:, :fx.W // 2 - 6])   # past the resize filter
+    assert json.load(open(out / (png[:-4] + ".json")))["mask"] == str(tmp_path / "mask.png")
+    want = pipe.edit(img, fx.INSTRUCTION, seed=5, mask=str(tmp_path / "mask.png"), **KW).outputs[0]
+    assert np.array_equal(got, np.asarray(want.image))
+
+
+def test_cli_bad_mask_is_a_usage_error(tmp_path, capsys):
+    fx.sample_images(1)[0].save(tmp_path / "photo.png")
+    Image.new("RGBA", (fx.W, fx.H)).save(tmp_path / "mask.png")
+    assert _cli("unused-model", [str(tmp_path / "photo.png")], tmp_path / "out", "--mask", str(tmp_path / "mask.png")) == 2
+    assert "mask.png: the mask has an alpha channel (RGBA)" in capsys.readouterr().err
