@@ -35,11 +35,12 @@ def load_mask(source, *, name: str | None = None) -> Image.Image:
         try:
             with Image.open(source) as im:
                 im.load()
-                return _pil_mask(ImageOps.exif_transpose(im), name)
+                im = ImageOps.exif_transpose(im)
         except FileNotFoundError:
             raise MaskError(f"{name}: no such mask file") from None
         except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise MaskError(f"{name}: not a readable mask image ({e.__class__.__name__}: {e})") from None
+        return _pil_mask(im, name)
     name = name or "mask"
     if isinstance(source, np.ndarray):
         return _array_mask(source, name)

@@ -137,3 +137,49 @@ def test_cli_session_usage_errors(photos, tmp_path, capsys, extra, message):
     assert _cli("unused-model", photos[:1], tmp_path / "out", *extra) == 2   # before any model is loaded
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the web UI's session (no browser)
+
+def test_app_session_continues_from_any_turn(pipe, tmp_path):
+    from ip2p_jax import app
+
+    limits = app.Limits.for_model(64, fx.STEPS)
+    ok = dict(steps=fx.STEPS, resolution=64, randomize_seed=False)
+    img = fx.sample_images(1)[0]
+    h = [{"image": img, "settings": None, "files": []}]
+    h = app.continue_session(pipe, h, 0, TURNS[0], limits, str(tmp_path), seed=40, **ok)
+    h = app.continue_session(pipe, h, 1, TURNS[1], limits, str(tmp_path), seed=41, **ok)
+    assert [x["settings"]["turn"] for x in h[1:]] == [1, 2] and h[2]["settings"]["previous_seed"] == 40
+    side = json.load(open(h[2]["files"][1]))
+    assert side["history"] == [{"instruction": TURNS[0], "seed": 40}] and side["turn"] == 2
+    branch = app.continue_session(pipe, h, 1, TURNS[2], limits, str(tmp_path), seed=41, **ok)   # from turn 1 again
+    assert len(branch) == 3 and branch[2]["settings"]["instruction"] == TURNS[2] and branch[1] is h[1]
+    chain = pipe.edit_sequence(img, TURNS[:2], seed=40, steps=fx.STEPS, resolution=64)
+    assert np.array_equal(np.asarray(h[2]["image"]), np.asarray(chain[1].images[0]))   # = the chained edits
+    assert [c for _, c in app.session_gallery(branch)] == [
+        "turn 0: input", f"turn 1: {TURNS[0]} (seed 40)", f"turn 2: {TURNS[2]} (seed 41)"]
+    with pytest.raises(app.AppError, match=r"^Continue from turn: choose a turn from 0 to 2, got 5"):
+        app.continue_session(pipe, h, 5, "x", limits, str(tmp_path), **ok)
+    with pytest.raises(app.AppError, match=r"^Edit instruction: write the next turn's instruction"):
+        app.continue_session(pipe, h, 0, " ", limits, str(tmp_path), **ok)
+
+
+def test_app_mask_upload(pipe, tmp_path):
+    from ip2p_jax import app
+
+    Image.new("RGBA", (8, 8)).save(tmp_path / "m.png")
+    with pytest.raises(app.AppError, match=r"^Mask: m.png: the mask has an alpha channel"):
+        app.load_mask_upload(str(tmp_path / "m.png"), 0)
+    assert app.load_mask_upload(None, 3) == (None, 0.0)
+    right = np.zeros((fx.H, fx.W), np.uint8)
+    right[:, fx.W // 2:] = 255
+    Image.fromarray(right).save(tmp_path / "right.png")
+    m, blur = app.load_mask_upload(str(tmp_path / "right.png"), 0)
+    limits = app.Limits.for_model(64, fx.STEPS)
+    img = fx.sample_images(1)[0]
+    outs, *_ = app.generate(pipe, img, fx.INSTRUCTION, limits, str(tmp_path), seed=3, randomize_seed=False,
+                            steps=fx.STEPS, resolution=64, mask=m, mask_blur=blur)
+    want = pipe.edit(img, fx.INSTRUCTION, seed=3, steps=fx.STEPS, resolution=64, mask=m, progress=False)
+    assert np.array_equal(np.asarray(outs[0].image), np.asarray(want.images[0]))
+    assert outs[0].settings["mask"] == "mask of upload"
