@@ -243,6 +243,7 @@ def test_cli_mask(pipe, tmp_path, capsys):
 def test_cli_bad_mask_is_a_usage_error(tmp_path, capsys):
     fx.sample_images(1)[0].save(tmp_path / "photo.png")
     Image.new("RGBA", (fx.W, fx.H)).save(tmp_path / "mask.png")
-    assert _cli("unused-model", [str(tmp_path / "photo.png")], tmp_path / "out", "--mask", str(tmp_path / "mask.png")) == 2
+    code = _cli("unused-model", [str(tmp_path / "photo.png")], tmp_path / "out", "--mask", str(tmp_path / "mask.png"))
+    assert code == 2
     err = capsys.readouterr().err
     assert "mask.png: the mask has an alpha channel (RGBA)" in err and "not a readable" not in err
