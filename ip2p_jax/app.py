@@ -25,6 +25,9 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
+from PIL import Image
+
 from ip2p_jax import images, masks
 from ip2p_jax.commands.edit import sidecar, sweep_grid, write_result
 from ip2p_jax.diffusion import SAMPLERS
@@ -180,6 +183,26 @@ def load_mask_upload(path, blur, name: str | None = None):
         raise AppError("Mask: " + str(e).replace(str(path), name)) from None
 
 
+def brush_mask(value):
+    """The strokes painted in the UI's image editor as a grayscale mask (their alpha: white where
+    painted), or None when nothing is painted. value: gradio's EditorValue ({"layers": [PIL], ...})."""
+    layers = [layer for layer in ((value or {}).get("layers") or []) if layer is not None]
+    alphas = [np.asarray(layer.convert("RGBA"))[..., 3] for layer in layers]
+    if not alphas or not any(a.any() for a in alphas):
+        return None
+    return Image.fromarray(np.maximum.reduce(alphas), "L")
+
+
+def request_mask(upload_path, painted, blur):
+    """(mask, feathering) of a request: the uploaded mask or the painted one (not both), or (None, 0)."""
+    drawn = brush_mask(painted)
+    if upload_path and drawn is not None:
+        raise AppError("Mask: upload a mask or paint one, not both (clear the strokes or the upload)")
+    if drawn is not None:
+        return drawn, masks.check_blur(blur or 0.0)
+    return load_mask_upload(upload_path, blur)
+
+
 def generate(pipe, image, instruction: str, limits: Limits, out_root: str, *, seed=None,
              randomize_seed: bool = True, randomize_scales: bool = False, name: str = "upload", mask=None,
              mask_blur: float = 0.0, extra_settings: dict | None = None, **settings):
@@ -302,18 +325,22 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                 randomize_scales = gr.Checkbox(value=False, label="Randomize CFG")
                 samples = gr.Slider(1, limits.max_samples, value=1, step=1, label="Samples")
             with gr.Row():
-                mask_file = gr.File(label="Mask (optional): white = editable, black = kept",
+                brush = gr.ImageEditor(type="pil", image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                       label="Mask (optional): paint the region to edit", elem_id="brush")
+                mask_file = gr.File(label="...or upload a mask: white = editable, black = kept",
                                     file_types=UPLOAD_TYPES, type="filepath", elem_id="mask")
                 mask_blur = gr.Slider(0, 32, value=0, step=1, label="Mask feathering (pixels)")
+            source.change(guard(lambda p: {"background": upload(p), "layers": [], "composite": None}),
+                          [source], [brush])
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Row():
                 result = gr.Image(type="pil", label="Edited image", interactive=False, format="png", elem_id="result")
                 downloads = gr.File(label="Downloads: PNG + settings (JSON)", file_count="multiple",
                                     interactive=False, elem_id="downloads")
 
-            def run(path, text, n, res, smp, sd, rs, ts, i_s, rc, k, mpath, mblur):
+            def run(path, text, n, res, smp, sd, rs, ts, i_s, rc, k, mpath, painted, mblur):
                 img = load_upload(path, limits)
-                m, blur = load_mask_upload(mpath, mblur)
+                m, blur = request_mask(mpath, painted, mblur)
                 outs, paths, seed_used, t_used, i_used = generate(
                     pipe, img, text, limits, out_root, seed=sd, randomize_seed=rs, randomize_scales=rc,
                     name=os.path.basename(path), steps=n, resolution=res, sampler=smp, text_scale=ts,
@@ -321,7 +348,7 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                 return outs[0].image, paths, seed_used, t_used, i_used
 
             go.click(guard(run), [source, instruction, steps, resolution, sampler, seed, randomize_seed,
-                                  text_scale, image_scale, randomize_scales, samples, mask_file, mask_blur],
+                                  text_scale, image_scale, randomize_scales, samples, mask_file, brush, mask_blur],
                      [result, downloads, seed, text_scale, image_scale])
 
         with gr.Tab("Multi-turn"):
@@ -345,10 +372,10 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                 h = [{"image": load_upload(path, limits), "settings": None, "files": []}]
                 return h, session_gallery(h), 0
 
-            def run_turn(path, hist, k, text, n, res, smp, sd, rs, ts, i_s, mpath, mblur):
+            def run_turn(path, hist, k, text, n, res, smp, sd, rs, ts, i_s, mpath, painted, mblur):
                 if not hist and path:
                     hist = start(path)[0]
-                m, blur = load_mask_upload(mpath, mblur)
+                m, blur = request_mask(mpath, painted, mblur)
                 hist = continue_session(pipe, hist, k, text, limits, out_root, seed=sd, randomize_seed=rs,
                                         name=os.path.basename(path or "upload"), steps=n, resolution=res,
                                         sampler=smp, text_scale=ts, image_scale=i_s, mask=m, mask_blur=blur)
@@ -360,7 +387,8 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
             source.change(guard(start), [source], [history, turns_view, from_turn])
             turns_view.select(pick, None, [from_turn])
             go_turn.click(guard(run_turn), [source, history, from_turn, instruction, t_steps, t_res, t_sampler,
-                                            t_seed, t_rand, t_text_scale, t_image_scale, mask_file, mask_blur],
+                                            t_seed, t_rand, t_text_scale, t_image_scale, mask_file, brush,
+                                            mask_blur],
                           [history, turns_view, from_turn, turn_files, t_seed])
 
         with gr.Tab("Guidance sweep"):

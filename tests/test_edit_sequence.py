@@ -183,3 +183,21 @@ def test_app_mask_upload(pipe, tmp_path):
     want = pipe.edit(img, fx.INSTRUCTION, seed=3, steps=fx.STEPS, resolution=64, mask=m, progress=False)
     assert np.array_equal(np.asarray(outs[0].image), np.asarray(want.images[0]))
     assert outs[0].settings["mask"] == "mask of upload"
+
+
+def test_app_painted_mask():
+    from ip2p_jax import app
+
+    assert app.brush_mask(None) is None and app.brush_mask({"layers": []}) is None
+    blank = Image.new("RGBA", (8, 6))
+    assert app.brush_mask({"background": blank, "layers": [blank]}) is None      # nothing painted
+    strokes = np.zeros((6, 8, 4), np.uint8)
+    strokes[:, 4:] = (255, 0, 0, 255)
+    strokes[0, 0] = (0, 0, 255, 128)                                               # a soft stroke
+    m = app.brush_mask({"background": blank, "layers": [Image.fromarray(strokes, "RGBA")]})
+    assert m.mode == "L" and np.asarray(m)[0, 0] == 128 and np.asarray(m)[:, 4:].min() == 255
+    assert np.asarray(m)[1:, :4].max() == 0
+    got, blur = app.request_mask(None, {"layers": [Image.fromarray(strokes, "RGBA")]}, 2)
+    assert np.array_equal(np.asarray(got), np.asarray(m)) and blur == 2.0
+    with pytest.raises(app.AppError, match=r"^Mask: upload a mask or paint one, not both"):
+        app.request_mask("m.png", {"layers": [Image.fromarray(strokes, "RGBA")]}, 0)

@@ -247,3 +247,15 @@ def test_cli_bad_mask_is_a_usage_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "mask.png: the mask has an alpha channel (RGBA)" in err and "not a readable" not in err
+
+
+def test_a_turn_can_have_its_own_mask(pipe):
+    img = fx.sample_images(1)[0]
+    left = 1.0 - RIGHT
+    session = pipe.edit_sequence(img, [fx.INSTRUCTION, {"instruction": "add a red circle", "mask": left}],
+                                 seed=3, mask=RIGHT, **KW)
+    first, second = (np.asarray(r.images[0]) for r in session)
+    half = fx.W // 2
+    assert np.array_equal(first[:, :half], np.asarray(img)[:, :half])       # turn 1: the session's mask
+    assert np.array_equal(second[:, half:], first[:, half:])                # turn 2: its own (left) mask
+    assert np.abs(second[:, :half].astype(int) - first[:, :half]).mean() > 5
