@@ -55,6 +55,32 @@ def test_blend_equals_numpy(sampler):
     assert np.array_equal(np.asarray(masking.blend(plan, i, x, clean, noise, ones)), x)   # bit for bit
 
 
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_noise_levels_equal_diffusers_add_noise(sampler):
+    """The level the blend noises the input to is the reference scheduler's add_noise at that
+    step's timestep (DDIM: variance-preserving; Euler, diffusers schedule: x0 + sigma noise)."""
+    import torch
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    steps = 4
+    if sampler == "ddim":
+        ref = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                            timestep_spacing="leading")
+    else:
+        ref = EulerDiscreteScheduler(**SD, timestep_spacing="linspace", interpolation_type="linear", steps_offset=0)
+    ref.set_timesteps(steps)
+    plan = samplers.generic_plan(samplers.make_plan(sampler, steps, "diffusers"))
+    _, clean, noise, _ = _arrays((1, 3, 5, 4), seed=4)
+    for k in range(steps):
+        want = ref.add_noise(torch.from_numpy(clean), torch.from_numpy(noise), ref.timesteps[k:k + 1]).numpy()
+        np.testing.assert_allclose(np.asarray(masking.noised(plan, k, clean, noise)), want, rtol=1e-5, atol=1e-5)
+    if sampler == "euler":   # after the last step sigma is 0: the clean latents themselves
+        assert np.array_equal(np.asarray(masking.noised(plan, steps, clean, noise)), clean)
+
+
 def test_sample_hook_equals_numpy_loop():
     """samplers.sample with the blend after each step = a numpy loop of the step formula + blend."""
     plan = samplers.make_plan("euler", 3)
