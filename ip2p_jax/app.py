@@ -4,6 +4,8 @@ Needs gradio, the optional [app] extra (`pip install 'ip2p_jax[app]'`); nothing 
 imports it, and it is imported only when a UI is built. Like the authors' app it can randomise the
 seed and the guidance scales (text U[6, 9], image U[1.2, 1.8]) and always shows the values it used.
 A second tab computes a guidance sweep (rows image scale, columns text scale) in one batched call.
+A third keeps a multi-turn session: a list of turns (turn 0 the upload), any of which the next
+instruction can continue from. An optional mask upload (white = editable) restricts the edits.
 Every result comes with its settings sidecar, the JSON `ip2p edit` writes.
 
 The UI is meant to face untrusted users, so every request is bounded (`Limits`): steps and
@@ -23,7 +25,10 @@ import shutil
 import tempfile
 import time
 
-from ip2p_jax import images
+import numpy as np
+from PIL import Image
+
+from ip2p_jax import images, masks
 from ip2p_jax.commands.edit import sidecar, sweep_grid, write_result
 from ip2p_jax.diffusion import SAMPLERS
 from ip2p_jax.errors import Ip2pError
@@ -167,10 +172,43 @@ def _stem(text: str) -> str:
     return (re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40].rstrip("-") or "edit")
 
 
+def load_mask_upload(path, blur, name: str | None = None):
+    """(the uploaded mask as a grayscale PIL image or None, its feathering) or AppError naming the field."""
+    if not path:
+        return None, 0.0
+    name = name or os.path.basename(str(path))
+    try:
+        return masks.load_mask(str(path), name=name), masks.check_blur(blur or 0.0)
+    except images.ImageError as e:
+        raise AppError("Mask: " + str(e).replace(str(path), name)) from None
+
+
+def brush_mask(value):
+    """The strokes painted in the UI's image editor as a grayscale mask (their alpha: white where
+    painted), or None when nothing is painted. value: gradio's EditorValue ({"layers": [PIL], ...})."""
+    layers = [layer for layer in ((value or {}).get("layers") or []) if layer is not None]
+    alphas = [np.asarray(layer.convert("RGBA"))[..., 3] for layer in layers]
+    if not alphas or not any(a.any() for a in alphas):
+        return None
+    return Image.fromarray(np.maximum.reduce(alphas), "L")
+
+
+def request_mask(upload_path, painted, blur):
+    """(mask, feathering) of a request: the uploaded mask or the painted one (not both), or (None, 0)."""
+    drawn = brush_mask(painted)
+    if upload_path and drawn is not None:
+        raise AppError("Mask: upload a mask or paint one, not both (clear the strokes or the upload)")
+    if drawn is not None:
+        return drawn, masks.check_blur(blur or 0.0)
+    return load_mask_upload(upload_path, blur)
+
+
 def generate(pipe, image, instruction: str, limits: Limits, out_root: str, *, seed=None,
-             randomize_seed: bool = True, randomize_scales: bool = False, name: str = "upload", **settings):
-    """The Generate button: edit `image` (PIL RGB) num_samples times. Returns (outputs, files,
-    seed, text scale, image scale): files are each result's PNG and its JSON sidecar."""
+             randomize_seed: bool = True, randomize_scales: bool = False, name: str = "upload", mask=None,
+             mask_blur: float = 0.0, extra_settings: dict | None = None, **settings):
+    """The Generate button: edit `image` (PIL RGB) num_samples times (only where `mask`, a PIL
+    image, is white). Returns (outputs, files, seed, text scale, image scale): files are each
+    result's PNG and its JSON sidecar (with `extra_settings` added)."""
     s = check_settings(limits, seed=None if randomize_seed else seed, **settings)
     if s["seed"] is None:
         s["seed"] = random.SystemRandom().randrange(2 ** 31)
@@ -179,7 +217,9 @@ def generate(pipe, image, instruction: str, limits: Limits, out_root: str, *, se
                               text_scale=s["text_scale"], image_scale=s["image_scale"],
                               randomize_scales=randomize_scales, num_samples=s["num_samples"],
                               resolution=s["resolution"], resize="authors", sampler=s["sampler"],
-                              names=[name], max_pixels=limits.max_pixels, max_edit_pixels=limits.max_edit_pixels):
+                              names=[name], max_pixels=limits.max_pixels, max_edit_pixels=limits.max_edit_pixels,
+                              mask=mask, mask_blur=mask_blur):
+        out.settings.update(extra_settings or {})
         outs.append(out)
         if time.monotonic() - start > limits.time_limit and len(outs) < s["num_samples"]:
             raise AppError(f"Samples: stopped after {len(outs)} of {s['num_samples']} results, past the "
@@ -192,6 +232,33 @@ def generate(pipe, image, instruction: str, limits: Limits, out_root: str, *, se
         paths += [png, png[:-4] + ".json"]
     first = outs[0].settings
     return outs, paths, first["seed"], first["text_scale"], first["image_scale"]
+
+
+def continue_session(pipe, history: list, from_turn, instruction: str, limits: Limits, out_root: str, **kwargs):
+    """The session tab: edit turn `from_turn` of `history` (a list of {"image", "settings",
+    "files"}; turn 0 the upload, settings None) with `instruction`; returns the new history:
+    turns 0..from_turn, then the new turn (later turns are dropped: the session branches there).
+    kwargs: generate's (seed, scales, steps, mask, ...); one result per turn."""
+    k = _integer(from_turn, "Continue from turn")
+    if not history:
+        raise AppError("Input image: upload an image first")
+    if not 0 <= k < len(history):
+        raise AppError(f"Continue from turn: choose a turn from 0 to {len(history) - 1}, got {k}")
+    if not (instruction or "").strip():
+        raise AppError("Edit instruction: write the next turn's instruction")
+    earlier = [h["settings"] for h in history[1:k + 1]]
+    session = {"turn": k + 1, "previous_seed": earlier[-1]["seed"] if earlier else None,
+               "history": [{"instruction": e["instruction"], "seed": e["seed"]} for e in earlier]}
+    outs, paths, *_ = generate(pipe, history[k]["image"], instruction, limits, out_root,
+                               extra_settings=session, **{**kwargs, "num_samples": 1})
+    return history[:k + 1] + [{"image": outs[0].image, "settings": outs[0].settings, "files": paths}]
+
+
+def session_gallery(history: list) -> list:
+    """(image, caption) per turn, for the UI's list of turns."""
+    return [(h["image"], "turn 0: input" if h["settings"] is None
+             else f"turn {i}: {h['settings']['instruction']} (seed {h['settings']['seed']})")
+            for i, h in enumerate(history)]
 
 
 def sweep(pipe, image, instruction: str, limits: Limits, out_root: str, *, text_scales: str,
@@ -257,23 +324,72 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                 image_scale = gr.Number(value=1.5, label="Image CFG")
                 randomize_scales = gr.Checkbox(value=False, label="Randomize CFG")
                 samples = gr.Slider(1, limits.max_samples, value=1, step=1, label="Samples")
+            with gr.Row():
+                brush = gr.ImageEditor(type="pil", image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                       label="Mask (optional): paint the region to edit", elem_id="brush")
+                mask_file = gr.File(label="...or upload a mask: white = editable, black = kept",
+                                    file_types=UPLOAD_TYPES, type="filepath", elem_id="mask")
+                mask_blur = gr.Slider(0, 32, value=0, step=1, label="Mask feathering (pixels)")
+            source.change(guard(lambda p: {"background": upload(p), "layers": [], "composite": None}),
+                          [source], [brush])
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Row():
                 result = gr.Image(type="pil", label="Edited image", interactive=False, format="png", elem_id="result")
                 downloads = gr.File(label="Downloads: PNG + settings (JSON)", file_count="multiple",
                                     interactive=False, elem_id="downloads")
 
-            def run(path, text, n, res, smp, sd, rs, ts, i_s, rc, k):
+            def run(path, text, n, res, smp, sd, rs, ts, i_s, rc, k, mpath, painted, mblur):
                 img = load_upload(path, limits)
+                m, blur = request_mask(mpath, painted, mblur)
                 outs, paths, seed_used, t_used, i_used = generate(
                     pipe, img, text, limits, out_root, seed=sd, randomize_seed=rs, randomize_scales=rc,
                     name=os.path.basename(path), steps=n, resolution=res, sampler=smp, text_scale=ts,
-                    image_scale=i_s, num_samples=k)
+                    image_scale=i_s, num_samples=k, mask=m, mask_blur=blur)
                 return outs[0].image, paths, seed_used, t_used, i_used
 
             go.click(guard(run), [source, instruction, steps, resolution, sampler, seed, randomize_seed,
-                                  text_scale, image_scale, randomize_scales, samples],
+                                  text_scale, image_scale, randomize_scales, samples, mask_file, brush, mask_blur],
                      [result, downloads, seed, text_scale, image_scale])
+
+        with gr.Tab("Multi-turn"):
+            gr.Markdown("Each turn edits the turn you continue from (turn 0: the upload); click a turn "
+                        "to continue from it. Continuing from an earlier turn drops the turns after it.")
+            t_steps, t_res, t_sampler, t_seed, t_rand = common_inputs()
+            with gr.Row():
+                t_text_scale = gr.Number(value=7.5, label="Text CFG")
+                t_image_scale = gr.Number(value=1.5, label="Image CFG")
+                from_turn = gr.Number(value=0, precision=0, label="Continue from turn", elem_id="from_turn")
+            go_turn = gr.Button("Apply to that turn", variant="primary", elem_id="apply_turn")
+            history = gr.State([])
+            with gr.Row():
+                turns_view = gr.Gallery(label="Turns", columns=4, elem_id="turns")
+                turn_files = gr.File(label="Downloads: the last turn's PNG + settings (JSON)", file_count="multiple",
+                                     interactive=False, elem_id="turn_downloads")
+
+            def start(path):   # a new upload starts a new session
+                if not path:
+                    return [], [], 0
+                h = [{"image": load_upload(path, limits), "settings": None, "files": []}]
+                return h, session_gallery(h), 0
+
+            def run_turn(path, hist, k, text, n, res, smp, sd, rs, ts, i_s, mpath, painted, mblur):
+                if not hist and path:
+                    hist = start(path)[0]
+                m, blur = request_mask(mpath, painted, mblur)
+                hist = continue_session(pipe, hist, k, text, limits, out_root, seed=sd, randomize_seed=rs,
+                                        name=os.path.basename(path or "upload"), steps=n, resolution=res,
+                                        sampler=smp, text_scale=ts, image_scale=i_s, mask=m, mask_blur=blur)
+                return hist, session_gallery(hist), len(hist) - 1, hist[-1]["files"], hist[-1]["settings"]["seed"]
+
+            def pick(evt: gr.SelectData):
+                return evt.index
+
+            source.change(guard(start), [source], [history, turns_view, from_turn])
+            turns_view.select(pick, None, [from_turn])
+            go_turn.click(guard(run_turn), [source, history, from_turn, instruction, t_steps, t_res, t_sampler,
+                                            t_seed, t_rand, t_text_scale, t_image_scale, mask_file, brush,
+                                            mask_blur],
+                          [history, turns_view, from_turn, turn_files, t_seed])
 
         with gr.Tab("Guidance sweep"):
             gr.Markdown(f"A grid over text and image guidance scales (rows image scale, columns text "

@@ -14,6 +14,7 @@ on the rest of the batch.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 from typing import Any, Iterator, Sequence
@@ -24,14 +25,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ip2p_jax import dtypes, placement, sharding
+from ip2p_jax import dtypes, masks, placement, sharding, turns as turnlib
 from ip2p_jax import images as imlib
-from ip2p_jax.diffusion import guidance, samplers
+from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import MAX_LENGTH, tokenize
 from ip2p_jax.weights import load
+
+log = logging.getLogger(__name__)
 
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
 RANDOM_IMAGE_SCALE = (1.2, 1.8)
@@ -90,6 +93,12 @@ class _Job:
     text_scale: float
     image_scale: float
     settings: dict
+    mask: np.ndarray | None = None   # float32 (H, W) in [0, 1] at the edit size; None: edit everywhere
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing to edit (empty instruction, or an all-black mask): the resized input is the result."""
+        return self.instruction == "" or (self.mask is not None and not self.mask.any())
 
 
 class EditPipeline:
@@ -210,6 +219,13 @@ class EditPipeline:
           resize ("authors" | "keep"): see ip2p_jax.images.resize_for_edit.
         batch_size: edits per compiled call (default 8 per device).
         names: labels for messages and settings (default "image 0", ...). max_pixels: input limit.
+        mask: None, one mask for every image or one per image (None entries: unmasked): a PIL image,
+          array or file path (ip2p_jax.masks.load_mask), white = editable, grey = partly, any size
+          with the image's aspect; resized with the image. Outside it the result keeps the input:
+          the sample is blended after every step with the input's latents noised to that step,
+          then the decoded result is composited with the input (`mask_composite=False`: no
+          composite, the VAE decodes the whole image). An all-black mask returns the input (warned).
+        mask_blur: feathering radius in pixels (Gaussian) of the mask, at the edit size.
         """
         outs = sorted(self.iter_edit(images, instructions, progress=progress, **kwargs),
                       key=lambda o: o.settings["index"])
@@ -220,6 +236,7 @@ class EditPipeline:
                   num_samples: int = 1, resolution: int | None = None, resize: str = "authors",
                   randomize_scales: bool = False, batch_size: int | None = None, names=None,
                   max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
+                  mask=None, mask_blur: float = 0.0, mask_composite: bool = True,
                   progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
         check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
@@ -230,25 +247,26 @@ class EditPipeline:
                           sampler=sampler, schedule=schedule or samplers.DEFAULT_SCHEDULE[sampler], seed=seed,
                           num_samples=num_samples, resolution=resolution, resize=resize,
                           randomize_scales=randomize_scales, names=names, max_pixels=max_pixels,
-                          max_edit_pixels=max_edit_pixels)
+                          max_edit_pixels=max_edit_pixels, mask=mask, mask_blur=mask_blur,
+                          mask_composite=mask_composite)
         noise = self._check_latents(latents, jobs)
         bar = progress_bar(total=len(jobs), desc="editing", unit="img", enabled=progress)
         try:
             for job in jobs:
-                if job.instruction == "":   # nothing to do: the resized input itself
+                if job.unchanged:   # nothing to do: the resized input itself
                     arr = np.asarray(job.image, np.float32) / 255.0
                     yield EditOutput(job.image.copy(), arr, job.settings)
                     bar.update(1)
-            work = [j for j in jobs if j.instruction != ""]
+            work = [j for j in jobs if not j.unchanged]
             if not work:
                 return
             texts = sorted({j.instruction for j in work})
             emb = self.encode_text(texts + [""])
             row = {t: i for i, t in enumerate(texts)}
             null = emb[-1]
-            groups: dict[tuple[int, int], list[_Job]] = {}
-            for j in work:
-                groups.setdefault(j.image.size, []).append(j)
+            groups: dict[tuple, list[_Job]] = {}
+            for j in work:   # masked rows run the masked program, the others exactly today's
+                groups.setdefault((j.image.size, j.mask is not None), []).append(j)
             chunks = []
             for group in groups.values():
                 size = self._call_size(len(group), batch_size)
@@ -269,6 +287,78 @@ class EditPipeline:
                 pending = started
         finally:
             bar.close()
+
+    def edit_sequence(self, images, turns, *, seed=None, names=None, resolution: int | None = None,
+                      resize: str = "authors", mask=None, max_pixels: int = imlib.DEFAULT_MAX_PIXELS,
+                      max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS, progress: bool = False,
+                      **kwargs) -> list[EditResult]:
+        """Multi-turn sessions: each turn's instruction applied to the previous turn's output.
+
+        images: one or a list (one session each). turns: instructions, or objects with
+          "instruction" and per-turn settings (ip2p_jax.turns.TURN_SETTINGS, e.g. "seed",
+          "text_scale", "mask") overriding `kwargs` (edit()'s settings) for that turn.
+        A turn edits the previous turn's 8-bit output (what a user chaining edits would do with the
+        saved PNGs), so a session equals chained edit() calls. Every session advances one turn per
+        edit() call (batched across images). seed: see ip2p_jax.turns (one image: seed, seed + 1, ...).
+        mask (one, or one per image) applies to every turn without its own; masks are given for
+        the inputs and resized with them. Returns one EditResult per turn (outputs in image
+        order); each output's settings add turn, turns, previous_seed and history (earlier turns).
+        """
+        turns = turnlib.normalize(turns)
+        if kwargs.get("num_samples", 1) != 1 or kwargs.get("latents") is not None:
+            raise EditError("edit_sequence: num_samples must be 1 and latents unset (each turn edits one output)")
+        if kwargs.get("randomize_scales"):
+            raise EditError("edit_sequence: randomize_scales does not apply; give scales per turn")
+        imgs = list(images) if isinstance(images, (list, tuple)) else [images]
+        names = [str(x) for x in names] if names is not None else [
+            os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image {i}" for i, x in enumerate(imgs)]
+        if not imgs or len(names) != len(imgs):
+            raise EditError(f"edit_sequence needs at least one image and one name per image, got "
+                            f"{len(imgs)} images and {len(names)} names")
+        resolution = self.native_resolution if resolution is None else resolution
+        if resize not in imlib.RESIZE_MODES:
+            raise EditError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
+        seeds = turnlib.session_seeds(seed, len(imgs), turns)
+        inputs = [_resized_input(im, nm, resize=resize, resolution=resolution, max_pixels=max_pixels,
+                                 max_edit_pixels=max_edit_pixels) for im, nm in zip(imgs, names)]
+
+        def fitted(source, j):   # (mask of input j at its edit size (later turns edit that size), its label)
+            if source is None:
+                return None, None
+            label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"mask of {names[j]}"
+            in_size, img = inputs[j]
+            return masks.fit_mask(masks.load_mask(source, name=label), in_size, img.size, mode=resize,
+                                  name=label), label
+
+        def per_image(value):
+            vals = list(value) if isinstance(value, (list, tuple)) else [value] * len(imgs)
+            if len(vals) != len(imgs):
+                raise EditError(f"{len(vals)} masks for {len(imgs)} images (give one mask, or one per image)")
+            return [fitted(v, j) for j, v in enumerate(vals)]
+
+        session_masks = per_image(mask)
+        current = [img for _, img in inputs]
+        results = []
+        bar = progress_bar(total=len(turns) * len(imgs), desc="turns", unit="img", enabled=progress)
+        try:
+            for t, turn in enumerate(turns):
+                own = {k: v for k, v in turn.items() if k not in ("instruction", "seed", "mask")}
+                turn_masks = per_image(turn["mask"]) if "mask" in turn else session_masks
+                given = [m for m, _ in turn_masks]
+                res = self.edit(current, turn["instruction"], seed=seeds[t], names=names, resolution=resolution,
+                                resize=resize, max_pixels=max_pixels, max_edit_pixels=max_edit_pixels,
+                                mask=given if any(m is not None for m in given) else None,
+                                progress=False, **{**kwargs, **own})
+                for j, out in enumerate(res.outputs):
+                    out.settings.update(turnlib.turn_settings(turns, seeds, t, j), input_size=list(inputs[j][0]))
+                    if turn_masks[j][1] is not None:
+                        out.settings["mask"] = turn_masks[j][1]
+                results.append(res)
+                current = [o.image for o in res.outputs]
+                bar.update(len(imgs))
+        finally:
+            bar.close()
+        return results
 
     def _call_size(self, n: int, batch_size: int | None) -> int:
         """Rows per compiled call: batch_size (fixed, so every call reuses one compiled function),
@@ -294,19 +384,25 @@ class EditPipeline:
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
-        fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk])
+        masked = any(j.mask is not None for j in chunk)
+        fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk], masked)
+        extra = ()
+        if masked:   # every row of a masked chunk has its mask
+            extra = (pad(np.stack([j.mask for j in chunk])[..., None]),
+                     pad(np.array([j.settings["mask_composite"] for j in chunk], np.bool_)))
         out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
-                 sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale)
+                 sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale, *extra)
         return out, chunk
 
-    def _edit_function(self, text_scales, image_scales):
+    def _edit_function(self, text_scales, image_scales, masked: bool = False):
         """The compiled edit for these rows: fewer guidance branches where their scales make that
-        exact (one compile per branch set), else the full 3-way one."""
+        exact (one compile per branch set), else the full 3-way one; `masked`: the variant taking
+        per-row masks (a separate compile, so unmasked requests run exactly today's program)."""
         branches = guidance.branches_for(list(text_scales), list(image_scales))
-        if branches == guidance.FULL:
+        if branches == guidance.FULL and not masked:
             return self._edit_jit
         return placement.compiled(_make_edit_function, self.unet, self.vae, float(self.vae_config.scaling_factor),
-                                  self.mesh, branches)
+                                  self.mesh, branches, *((True,) if masked else ()))
 
     def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
                platform: str | None = None):
@@ -382,7 +478,8 @@ class EditPipeline:
     # ------------------------------------------------------------------ request -> jobs
 
     def _jobs(self, images, instructions, *, steps, text_scale, image_scale, sampler, schedule, seed,
-              num_samples, resolution, resize, randomize_scales, names, max_pixels, max_edit_pixels) -> list:
+              num_samples, resolution, resize, randomize_scales, names, max_pixels, max_edit_pixels,
+              mask=None, mask_blur=0.0, mask_composite=True) -> list:
         if resize not in imlib.RESIZE_MODES:
             raise EditError(f"resize must be one of {imlib.RESIZE_MODES}, got {resize!r}")
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
@@ -409,6 +506,10 @@ class EditPipeline:
             raise EditError(f"{len(names)} names for {n} images")
         names = [os.fspath(x) for x in names]
 
+        mask_list = list(mask) if isinstance(mask, (list, tuple)) else [mask] * n
+        if len(mask_list) != n:
+            raise EditError(f"{len(mask_list)} masks for {n} images (give one mask, or one per image; None: unmasked)")
+        blur = masks.check_blur(mask_blur) if any(m is not None for m in mask_list) else 0.0
         seeds = output_seeds(seed, n, num_samples)
         t_scales, i_scales = _per_item(text_scale, n, "text_scale"), _per_item(image_scale, n, "image_scale")
         if randomize_scales:
@@ -419,13 +520,16 @@ class EditPipeline:
         for j in range(n):
             key = id(imgs[j])
             if key not in resized:
-                src = imgs[j]
-                rgb = (imlib.load_image(os.fspath(src), max_pixels=max_pixels)
-                       if isinstance(src, (str, os.PathLike)) else imlib.to_rgb(src, name=names[j]))
-                imlib.check_pixels(rgb.size, max_pixels, name=names[j])
-                resized[key] = (rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution,
-                                                                name=names[j], max_edit_pixels=max_edit_pixels))
+                resized[key] = _resized_input(imgs[j], names[j], resize=resize, resolution=resolution,
+                                              max_pixels=max_pixels, max_edit_pixels=max_edit_pixels)
             in_size, img = resized[key]
+            job_mask, mask_settings = None, {}
+            if mask_list[j] is not None:
+                mkey = (id(mask_list[j]), key)
+                if mkey not in resized:
+                    resized[mkey] = self._mask(mask_list[j], in_size, img.size, resize, blur, names[j])
+                job_mask, mask_settings = resized[mkey]
+                mask_settings = dict(mask_settings, mask_composite=bool(mask_composite))
             for k in range(num_samples):
                 settings = {
                     "index": len(jobs), "pair_index": j, "sample_index": k, "name": names[j],
@@ -435,13 +539,30 @@ class EditPipeline:
                     "resize": resize, "resolution": resolution if resize == "authors" else None,
                     "input_size": list(in_size), "size": list(img.size), "dtype": self.dtype.name,
                 }
+                settings.update(mask_settings)
                 if texts[j] == "":
                     settings["note"] = "empty instruction: the resized input is returned unchanged"
-                jobs.append(_Job(len(jobs), j, k, img, texts[j], seeds[j][k], t_scales[j], i_scales[j], settings))
+                elif job_mask is not None and not job_mask.any():
+                    settings["note"] = "all-black mask: the resized input is returned unchanged"
+                jobs.append(_Job(len(jobs), j, k, img, texts[j], seeds[j][k], t_scales[j], i_scales[j], settings,
+                                 job_mask))
         if randomize_scales:
             for jb in jobs:
                 jb.settings["randomized_scales"] = True
         return jobs
+
+    @staticmethod
+    def _mask(source, image_size, edit_size, resize: str, blur: float, name: str):
+        """(float32 mask at the edit size or None (all white: nothing kept), its settings) of one image."""
+        label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"mask of {name}"
+        fitted = masks.fit_mask(masks.load_mask(source, name=label), image_size, edit_size, mode=resize, name=label)
+        arr = masks.feather(fitted, blur)
+        settings = {"mask": label, "mask_blur": blur}
+        if not arr.any():
+            log.warning("%s: the mask is all black (nothing is editable): the input is returned unchanged", label)
+        elif arr.min() == 1.0:
+            arr = None   # all white: an ordinary edit
+        return arr, settings
 
     def _check_latents(self, latents, jobs) -> np.ndarray | None:
         if latents is None:
@@ -463,12 +584,15 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- the compiled edit
 
-def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL):
+def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL, masked: bool = False):
     """The whole edit as one jitted function; the sampler is run-time data (samplers.generic_plan:
-    per-step coefficients of one formula), so one compile serves all four."""
+    per-step coefficients of one formula), so one compile serves all four. `masked` adds two
+    inputs: mask (B, H, W, 1) float32 in [0, 1] (1 = editable) and composite (B,) bool (whether the
+    decoded row is composited with the input under the mask); see diffusion/masking.py."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-    def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale):
+    def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale, mask=None,
+             composite=None):
         # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
         mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
         image_latents = jax.lax.with_sharding_constraint(mean, batch)
@@ -479,14 +603,23 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance
 
         eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches)
         step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
-        latents = samplers.sample(eps_fn, noise, plan, step_keys)
+        after_step = None
+        if masked:   # outside the mask: the input's latents noised to each step's level
+            clean = image_latents.astype(jnp.float32) * scaling
+            f = pixels.shape[1] // noise.shape[1]
+            after_step = masking.blend_after_step(plan, clean, noise, masking.latent_mask(mask, f))
+        latents = samplers.sample(eps_fn, noise, plan, step_keys, after_step=after_step)
         decoded = vae.apply({"params": params["vae"]}, latents / scaling, method=vae.decode)
-        return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        out = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        if masked:   # the final pixel composite: kept pixels are the input's own
+            m = jnp.where(composite[:, None, None, None], mask, 1.0)
+            out = m * out + (1.0 - m) * (pixels.astype(jnp.float32) / 2 + 0.5)
+        return out
 
     # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
     donate = () if jax.default_backend() == "cpu" else (2,)
-    return jax.jit(edit, in_shardings=(rep, rep, batch, batch, rep, batch, batch, batch, batch),
-                   out_shardings=batch, donate_argnums=donate)
+    shardings = (rep, rep, batch, batch, rep, batch, batch, batch, batch) + (batch, batch) * masked
+    return jax.jit(edit, in_shardings=shardings, out_shardings=batch, donate_argnums=donate)
 
 
 def _make_local_text_function(text_encoder, mesh: Mesh):
@@ -502,6 +635,15 @@ def export_plan(plan: samplers.Plan) -> dict:
 def _make_autoencode_function(vae):
     return jax.jit(lambda p, x: jnp.clip(
         vae.apply({"params": p}, x.astype(vae.dtype)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+
+
+def _resized_input(src, name: str, *, resize: str, resolution: int, max_pixels: int, max_edit_pixels: int):
+    """(input size, the RGB image the model edits) of one image, path or array."""
+    rgb = (imlib.load_image(os.fspath(src), max_pixels=max_pixels)
+           if isinstance(src, (str, os.PathLike)) else imlib.to_rgb(src, name=name))
+    imlib.check_pixels(rgb.size, max_pixels, name=name)
+    return rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution, name=name,
+                                           max_edit_pixels=max_edit_pixels)
 
 
 def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:

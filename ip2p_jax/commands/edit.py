@@ -21,7 +21,8 @@ import sys
 
 import jax
 
-from ip2p_jax import demo, edit_job, files, images, sharding
+from ip2p_jax import demo, edit_job, files, images, masks, sharding
+from ip2p_jax import turns as turnlib
 from ip2p_jax.commands import distributed
 from ip2p_jax.diffusion import make_plan
 from ip2p_jax.errors import Ip2pError
@@ -55,6 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image files, folders (their images) or glob patterns (decoded as their batch is reached)")
     p.add_argument("--instruction", action="append", metavar="TEXT",
                    help="the edit, e.g. 'make it winter' (repeat for several; '' returns the input)")
+    p.add_argument("--then", action="append", metavar="TEXT",
+                   help="a multi-turn session: apply TEXT to the previous turn's output (repeat for more "
+                        "turns); writes NAME_turn1.png, NAME_turn2.png, ...")
+    p.add_argument("--script", metavar="FILE.json",
+                   help="a multi-turn session from a JSON list of turns: instructions or objects with "
+                        "'instruction' and optional seed, text_scale, image_scale, steps, sampler, mask, mask_blur")
+    p.add_argument("--mask", metavar="FILE",
+                   help="edit only where this mask is white (black: kept; grey: partly; any size with the "
+                        "image's aspect); one mask for every input")
+    p.add_argument("--mask-blur", type=float, default=0.0, metavar="PX", help="feather the mask by PX pixels")
     p.add_argument("--manifest", metavar="FILE.jsonl",
                    help="dataset edit: one JSON object per line (image, instruction; optional seed, text_scale, "
                         "image_scale, id); writes OUT/<id>.png + .json, resumable; see docs/editing.md")
@@ -183,7 +194,17 @@ def run(args) -> int:
     if job and (args.instruction or args.grid or args.num_samples != 1 or args.randomize_scales):
         raise EditUsageError("--manifest / --tfds rows carry their own instructions and seeds: --instruction, "
                              "--grid, --num-samples and --randomize-scales do not apply")
-    if not job and not args.instruction:
+    sessions = bool(args.then or args.script)
+    if args.script and args.instruction:
+        raise EditUsageError("--script holds the session's instructions: --instruction and --then do not apply")
+    if args.then and len(args.instruction or []) != 1:
+        raise EditUsageError("--then continues one --instruction (a session: --instruction A --then B --then C)")
+    if sessions and (job or args.grid or args.num_samples != 1 or args.randomize_scales):
+        raise EditUsageError("a session (--then / --script) edits --image inputs, one result per turn: "
+                             "--manifest, --tfds, --grid, --num-samples and --randomize-scales do not apply")
+    if args.mask and job:
+        raise EditUsageError("--mask applies to --image edits")
+    if not job and not args.instruction and not args.script:
         raise EditUsageError("--image needs at least one --instruction")
     if args.strict and not job:
         raise EditUsageError("--strict applies to --manifest / --tfds")
@@ -197,6 +218,15 @@ def run(args) -> int:
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
+    mask = masks.load_mask(args.mask) if args.mask else None   # a bad mask or script: before the model loads
+    masks.check_blur(args.mask_blur)
+    turns = None
+    if sessions:
+        turns = (turnlib.read_script(args.script) if args.script
+                 else turnlib.normalize([args.instruction[0], *args.then], "--then"))
+        for t in turns:
+            if isinstance(t.get("mask"), str):
+                masks.load_mask(t["mask"])
     files.check_output_dir(args.out)   # a file, read-only or full --out is refused before the model loads
     if job:
         rows, bad = _job_rows(args)   # a bad manifest or dataset is reported before any model is loaded
@@ -222,6 +252,8 @@ def run(args) -> int:
             size = images.probe_size(path, max_pixels=args.max_pixels)
             images.edit_size(size, mode=args.resize, resolution=resolution, name=path,
                              max_edit_pixels=args.max_edit_pixels)
+            if mask is not None:
+                masks.check_aspect(mask.size, size, f"{args.mask} (for {path})")
             ok.append(path)
         except images.ImageError as e:
             failed.append(path)
@@ -236,7 +268,8 @@ def run(args) -> int:
                   resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels,
                   max_edit_pixels=args.max_edit_pixels)
     try:
-        run_fn = _run_grid if args.grid else _run_edits
+        run_fn = _run_sessions if turns else _run_grid if args.grid else _run_edits
+        args.turns, args.mask_image = turns, mask
         n_written = run_fn(pipe, ok, args, common, failed)
     finally:
         if created and not os.listdir(args.out):   # a failed run leaves no empty folder behind
@@ -304,9 +337,11 @@ def _run_edits(pipe, paths, args, common, failed) -> int:
             kw = {}
             if scales is not None:
                 kw = dict(text_scale=[scales[0][g] for g, *_ in pairs], image_scale=[scales[1][g] for g, *_ in pairs])
+            if args.mask_image is not None:
+                kw.update(mask=[_fitted_mask(args, got) for *_, got, _ in pairs], mask_blur=args.mask_blur)
             for out in pipe.iter_edit([got[1] for _, _, got, _ in pairs], [text for *_, text in pairs],
-                                      text_scale=kw.get("text_scale", args.text_scale),
-                                      image_scale=kw.get("image_scale", args.image_scale),
+                                      text_scale=kw.pop("text_scale", args.text_scale),
+                                      image_scale=kw.pop("image_scale", args.image_scale), **kw,
                                       seed=[base + g * args.num_samples for g, *_ in pairs],
                                       num_samples=args.num_samples, names=[p for _, p, _, _ in pairs], **common):
                 g, path, got, text = pairs[out.settings["pair_index"]]
@@ -314,6 +349,8 @@ def _run_edits(pipe, paths, args, common, failed) -> int:
                                 pair_index=g, input_size=list(got[0]))
                 if scales is not None:
                     settings["randomized_scales"] = True
+                if args.mask_image is not None:
+                    settings["mask"] = args.mask
                 stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{settings['seed']}"
                 write_result(args.out, stem, out.image, sidecar(path, pipe.source, settings))
                 n += 1
@@ -333,10 +370,53 @@ def _run_grid(pipe, paths, args, common, failed) -> int:
         if img is None:
             continue
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        extra = {}
+        if args.mask_image is not None:
+            extra = dict(mask=_fitted_mask(args, (in_size, img)), mask_blur=args.mask_blur)
         grid, settings, _ = sweep_grid(pipe, img, text, args.text_scales, args.image_scales, seed,
-                                       name=path, **common)
+                                       name=path, **common, **extra)
+        if extra:
+            settings["mask"] = args.mask
         settings["input_size"] = list(in_size)
         stem = f"{os.path.splitext(os.path.basename(path))[0]}_{_slug(text)}_{seed}_grid"
         write_result(args.out, stem, grid, settings)
         n += 1
+    return n
+
+
+def _fitted_mask(args, got):
+    """--mask for one input ((input size, resized image)), resized as that image was."""
+    in_size, img = got
+    return masks.fit_mask(args.mask_image, in_size, img.size, mode=args.resize, name=args.mask)
+
+
+def _run_sessions(pipe, paths, args, common, failed) -> int:
+    """--then / --script: every input's session advances one turn per batched call; turn t of
+    input g gets the seed S + g * turns + t. Writes NAME_turn1.png ... with sidecars."""
+    turns = args.turns
+    base = output_seeds(args.seed, 1, 1)[0][0]
+    per_call = common["batch_size"] or PER_DEVICE_BATCH * pipe.num_devices
+    n = 0
+    with progress(total=len(paths) * len(turns), desc="turns", unit="img", enabled=not args.quiet) as bar:
+        for start in range(0, len(paths), per_call):
+            loaded = []
+            for g, path in enumerate(paths[start:start + per_call], start):
+                try:
+                    loaded.append((g, path, images.load_image(path, max_pixels=args.max_pixels)))
+                except images.ImageError as e:
+                    failed.append(path)
+                    _warn(f"skipping {e}")
+            if not loaded:
+                continue
+            results = pipe.edit_sequence([im for *_, im in loaded], turns,
+                                         seed=[base + g * len(turns) for g, *_ in loaded],
+                                         names=[p for _, p, _ in loaded], mask=args.mask, mask_blur=args.mask_blur,
+                                         text_scale=args.text_scale, image_scale=args.image_scale, **common)
+            for t, res in enumerate(results):
+                for (g, path, _), out in zip(loaded, res.outputs):
+                    stem = f"{os.path.splitext(os.path.basename(path))[0]}_turn{t + 1}"
+                    write_result(args.out, stem, out.image, sidecar(path, pipe.source, out.settings))
+                    n += 1
+                    bar.update(1)
+            loaded = results = None
     return n

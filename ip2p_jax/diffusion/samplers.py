@@ -255,11 +255,14 @@ def generic_plan(plan: Plan) -> Plan:
 
 
 def sample(eps_fn: EpsFn, noise: jax.Array, plan: Plan, keys: jax.Array | None = None, *,
-           ancestral_noise: jax.Array | None = None) -> jax.Array:
+           ancestral_noise: jax.Array | None = None,
+           after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
     """Run all plan steps with lax.fori_loop; returns the final latents (float32, noise's shape).
 
     keys: (B,) PRNG keys (typed or raw uint32 (B, 2)), needed by euler_a and generic plans unless
     `ancestral_noise` (steps, B, ...) gives the per-step noise explicitly.
+    after_step: optional `(i, x) -> x` applied to the sample after step i (e.g. the masked edit's
+    blend, diffusion/masking.py); the sampler's history (previous denoised) is left as it was.
     """
     batch, shape = noise.shape[0], noise.shape[1:]
     needs_noise = is_ancestral(plan)
@@ -278,6 +281,7 @@ def sample(eps_fn: EpsFn, noise: jax.Array, plan: Plan, keys: jax.Array | None =
         z = None
         if needs_noise:
             z = ancestral_noise[i] if ancestral_noise is not None else step_noise(keys, i, shape)
-        return step(plan, state, i, eps, z)
+        new = step(plan, state, i, eps, z)
+        return new if after_step is None else new.replace(x=after_step(i, new.x))
 
     return jax.lax.fori_loop(0, plan.steps, body, init_state(plan, noise)).x
