@@ -83,7 +83,7 @@ COUNTS = (("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.
           ("train.max_nonfinite_steps", 0, None), ("checkpoint.every_steps", 0, None), ("checkpoint.keep", 1, None),
           ("log.every_steps", 0, None), ("log.sample_every_steps", 0, None),
           ("log.num_samples", 1, "log.sample_every_steps"), ("log.sample_steps", 1, "log.sample_every_steps"),
-          ("data.num_examples", 0, None), ("data.workers", 0, None), ("data.resolution", 1, None),
+          ("data.num_examples", 0, None), ("data.workers", -1, None), ("data.resolution", 1, None),
           ("parallel.fsdp", 1, None))
 
 
