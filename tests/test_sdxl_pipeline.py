@@ -195,3 +195,19 @@ def test_guidance_rescale_is_checked(pipe):
     for bad in (-0.1, 1.5, float("nan"), "0.5"):
         with pytest.raises(EditError, match="guidance_rescale"):
             pipe.edit(fx.sample_images(1)[0], fx.INSTRUCTION, steps=1, guidance_rescale=bad, progress=False)
+
+
+def test_cli_edits_an_sdxl_folder(sdxl_dir, tmp_path):
+    from ip2p_jax import cli
+
+    img = tmp_path / "in.png"
+    fx.sample_images(1)[0].save(img)
+    out = tmp_path / "out"
+    code = cli.main(["edit", "--model", sdxl_dir, "--image", str(img), "--instruction", fx.INSTRUCTION, "--out",
+                     str(out), "--steps", "2", "--sampler", "euler", "--resize", "keep", "--text-scale", "5",
+                     "--guidance-rescale", "0.7", "--seed", "1", "--dtype", "fp32", "--quiet"])
+    assert code == 0
+    side = json.load(open(next(p for p in out.iterdir() if p.suffix == ".json")))
+    assert side["guidance_rescale"] == 0.7 and side["text_scale"] == 5.0
+    assert cli.main(["edit", "--model", sdxl_dir, "--image", str(img), "--instruction", "x", "--out",
+                     str(tmp_path / "bad"), "--guidance-rescale", "2", "--quiet"]) == 2
