@@ -1,7 +1,7 @@
 """Single-file checkpoints in the original latent-diffusion layout (`.ckpt` / `.safetensors`):
 `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*`
-(CLIP text encoder), optionally `model_ema.*` (the UNet's EMA weights, e.g. the authors'
-instruct-pix2pix-00-22000.ckpt).
+(CLIP text encoder; Stable Diffusion 2.x: `cond_stage_model.model.*`, an OpenCLIP text encoder),
+optionally `model_ema.*` (the UNet's EMA weights, e.g. the authors' instruct-pix2pix-00-22000.ckpt).
 
 Reading reuses diffusers' own key converters (diffusers.loaders.single_file_utils; that module
 imports torch, so single files need ip2p_jax[torch]). Writing (`save_single_file`) inverts them:
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -29,6 +30,7 @@ from ip2p_jax.weights.naming import WeightsError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."   # Stable Diffusion 2.x's OpenCLIP ViT-H text encoder
 EMA_PREFIX = "model_ema."
 EMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")
 
@@ -95,8 +97,10 @@ def select_unet_weights(ckpt: Mapping[str, Any], prefer_ema: bool, source: str) 
 
 
 def ldm_to_diffusers(ckpt: Mapping[str, Any], unet_config: Mapping, vae_config: Mapping, *,
-                     prefer_ema: bool = True, source: str = "checkpoint") -> tuple[dict, str]:
-    """{'unet' | 'vae' | 'text_encoder': diffusers/transformers-named state} via diffusers' converters."""
+                     prefer_ema: bool = True, source: str = "checkpoint",
+                     text_config: Mapping | None = None) -> tuple[dict, str]:
+    """{'unet' | 'vae' | 'text_encoder': diffusers/transformers-named state} via diffusers' converters.
+    An OpenCLIP text encoder (SD 2.x) needs `text_config` (its transformers CLIPTextConfig dict)."""
     sfu = _converters(source)
     unet, note = select_unet_weights(ckpt, prefer_ema, source)
     states = {
@@ -110,12 +114,39 @@ def ldm_to_diffusers(ckpt: Mapping[str, Any], unet_config: Mapping, vae_config: 
     states = {name: {k: v for k, v in st.items() if v is not None} for name, st in states.items()}
     if not states["vae"]:
         raise WeightsError(f"{source}: no VAE weights ({VAE_PREFIX}*)")
+    if not states["text_encoder"] and any(k.startswith(OPEN_CLIP_PREFIX) for k in ckpt):
+        states["text_encoder"], clip_note = open_clip_to_transformers(sfu, ckpt, text_config or {}, source)
+        note = f"{note}; {clip_note}"
     if not states["text_encoder"]:
-        open_clip = any(k.startswith("cond_stage_model.model.") for k in ckpt)
-        raise WeightsError(f"{source}: no CLIP text encoder weights ({TEXT_PREFIX}*)" + (
-            "; it holds an OpenCLIP text encoder (Stable Diffusion 2.x), which ip2p_jax does not support"
-            if open_clip else ""))
+        raise WeightsError(f"{source}: no CLIP text encoder weights ({TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
     return states, note
+
+
+def open_clip_to_transformers(sfu, ckpt: Mapping[str, Any], text_config: Mapping, source: str) -> tuple[dict, str]:
+    """SD 2.x's OpenCLIP text encoder (`cond_stage_model.model.*`) -> transformers CLIPTextModel names,
+    by diffusers' convert_open_clip_checkpoint (q/k/v split from in_proj at the hidden size). SD 2.x
+    conditions on the penultimate OpenCLIP layer, so its text_encoder config has one layer fewer
+    than the file: layers from num_hidden_layers on, and the unused text_projection, are dropped."""
+    import torch  # optional heavy dependency, present: the converters need it
+
+    hidden = int(text_config.get("hidden_size") or np.shape(ckpt[OPEN_CLIP_PREFIX + "token_embedding.weight"])[1])
+    layers = text_config.get("num_hidden_layers")
+    sub = {k: torch.as_tensor(np.asarray(v)) for k, v in ckpt.items() if k.startswith(OPEN_CLIP_PREFIX)}
+    state = sfu.convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=hidden)), sub,
+                                             prefix=OPEN_CLIP_PREFIX)
+    out, dropped = {}, set()
+    for key, value in state.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", key)
+        if key.startswith("text_projection") or (m and layers is not None and int(m.group(1)) >= layers):
+            dropped.add(m.group(1) if m else "text_projection")
+            continue
+        out[key] = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    note = "text encoder: OpenCLIP (SD 2.x) converted"
+    if dropped:
+        note += f" (not used: {', '.join(sorted(f'layer {d}' if d.isdigit() else d for d in dropped))})"
+    if not out:
+        raise WeightsError(f"{source}: no OpenCLIP text encoder weights under {OPEN_CLIP_PREFIX}")
+    return out, note
 
 
 def _configs(config, ckpt: Mapping[str, Any], source: str) -> tuple[dict, dict, Any, Any]:
@@ -183,7 +214,8 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
                   if isinstance(config, (str, os.PathLike)) else f"{path} ({name} config)")
         configs[name] = SPECS[name].config_from_dict(dicts[name], source=source)
     ref_dicts = {name: config_dict(name, configs[name]) for name in SPECS}
-    states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path)
+    states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path,
+                                        text_config=ref_dicts["text_encoder"])
     del ckpt
     tokenizer = _tokenizer(tokenizer, tok_folder)   # before the long part, so a missing one fails fast
     params = {}
