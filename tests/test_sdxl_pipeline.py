@@ -211,3 +211,12 @@ def test_cli_edits_an_sdxl_folder(sdxl_dir, tmp_path):
     assert side["guidance_rescale"] == 0.7 and side["text_scale"] == 5.0
     assert cli.main(["edit", "--model", sdxl_dir, "--image", str(img), "--instruction", "x", "--out",
                      str(tmp_path / "bad"), "--guidance-rescale", "2", "--quiet"]) == 2
+    # ip2p convert keeps the SDXL layout
+    from ip2p_jax.weights import load
+
+    assert cli.main(["convert", sdxl_dir, str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    from ip2p_jax.weights.io import read_state_dict
+
+    assert load(str(tmp_path / "half")).is_sdxl
+    state = read_state_dict(str(tmp_path / "half" / "text_encoder_2" / "model.safetensors"))
+    assert "text_projection.weight" in state and {str(v.dtype) for v in state.values()} == {"float16"}
