@@ -220,3 +220,39 @@ def test_cli_edits_an_sdxl_folder(sdxl_dir, tmp_path):
     assert load(str(tmp_path / "half")).is_sdxl
     state = read_state_dict(str(tmp_path / "half" / "text_encoder_2" / "model.safetensors"))
     assert "text_projection.weight" in state and {str(v.dtype) for v in state.values()} == {"float16"}
+
+
+def test_sdxl_single_file_round_trip(sdxl_dir, tmp_path):
+    """An SDXL single file (original layout, as our writer and diffusers' converters name it)
+    loads with config=<its folder> to the folder's params; diffusers' from_single_file reads our
+    file to the same weights; without a config folder the error says what to pass."""
+    import torch
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+    from flax import traverse_util
+    from ip2p_jax.weights import load, load_single_file
+    from ip2p_jax.weights.io import read_state_dict
+    from ip2p_jax.weights.naming import WeightsError
+    from ip2p_jax.weights.single_file import save_single_file
+
+    want = load(sdxl_dir)
+    path = save_single_file(want, str(tmp_path / "sdxl.safetensors"))
+    keys = set(read_state_dict(path))
+    assert {"model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.text_projection",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"} <= keys
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    got = load_single_file(path, config=sdxl_dir)
+    assert got.is_sdxl and got.pipeline_config == want.pipeline_config
+    for name in ("unet_params", "vae_params", "text_params", "text2_params"):
+        a, b = (traverse_util.flatten_dict(getattr(c, name)) for c in (got, want))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+    ref = StableDiffusionXLInstructPix2PixPipeline.from_single_file(path, config=sdxl_dir, local_files_only=True,
+                                                                    add_watermarker=False)
+    folder = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        mine, theirs = getattr(ref, part).state_dict(), getattr(folder, part).state_dict()
+        assert mine.keys() == theirs.keys(), part
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), part
+    with pytest.raises(WeightsError, match=r"sdxl.safetensors: an SDXL checkpoint .*config="):
+        load_single_file(path)

@@ -141,7 +141,7 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 SDXL_TIME_DIM, SDXL_PROJECTION = 8, 16   # addition_time_embed_dim; text_encoder_2 projection_dim
 
 
-def sdxl_unet(in_channels: int = 8, seed: int = 0, text_dims: tuple[int, int] = (32, 32)):
+def sdxl_unet(in_channels: int = 8, seed: int = 0, text_dims: tuple[int, int] = (32, 48)):
     """SDXL's UNet layout in miniature: no attention at the first level, linear projections,
     2 transformer layers at the second (and in the middle), text_time micro-conditioning."""
     import torch
@@ -158,13 +158,15 @@ def sdxl_unet(in_channels: int = 8, seed: int = 0, text_dims: tuple[int, int] = 
     return perturb(m, seed=seed)
 
 
-def text_encoder_2(vocab_size: int, seed: int = 0, layers: int = 2):
-    """transformers CLIPTextModelWithProjection (SDXL's OpenCLIP bigG encoder), gelu, pad id 0."""
+def text_encoder_2(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 48):
+    """transformers CLIPTextModelWithProjection (SDXL's OpenCLIP bigG encoder), gelu, pad id 0. Its
+    hidden size differs from text_encoder's, as in SDXL (diffusers' single-file reader tells the
+    two encoders apart by it)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
                          projection_dim=SDXL_PROJECTION, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                          pad_token_id=0)
