@@ -103,7 +103,7 @@ class EditPipeline:
       "pallas" (forced: a TPU program from any host; see models.layers.attention).
     The model is placed on the mesh by ip2p_jax.placement.
     SDXL models (components with a second text encoder) edit through the same API: their text
-    conditioning is diffusers' (sdxl_conditioning); is_cosxl_edit (None: the folder's
+    conditioning is diffusers' (placement.sdxl_prompt_function); is_cosxl_edit (None: the folder's
     model_index.json setting) multiplies the image latents by the VAE scaling factor (CosXL Edit).
     """
 
@@ -213,6 +213,7 @@ class EditPipeline:
         """SDXL's micro-conditioning per row: (original size, crop top-left, target size) =
         (h, w, 0, 0, h, w) of the edited image, float32 (rows, 6)."""
         return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (rows, 1))
+
     def autoencode(self, images: Sequence) -> list:
         """Each RGB PIL image (all one size, a multiple of the VAE factor) through the VAE: the
         decoded posterior mode, i.e. the best any editor's output can look with this VAE."""

@@ -256,3 +256,24 @@ def test_sdxl_single_file_round_trip(sdxl_dir, tmp_path):
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), part
     with pytest.raises(WeightsError, match=r"sdxl.safetensors: an SDXL checkpoint .*config="):
         load_single_file(path)
+
+
+def test_sdxl_export_and_local_batch_equal_edit(pipe, monkeypatch):
+    """The exported SDXL edit (conditioning dicts as its arguments) and edit_local_batch (the
+    multi-host entry) give edit()'s result."""
+    import jax
+    from ip2p_jax.pipeline import export_plan
+
+    image = fx.sample_images(1)[0]
+    kw = dict(steps=2, sampler="euler", seed=5, text_scale=5.0, image_scale=1.5)
+    fed, real = [], pipe._edit_jit
+    monkeypatch.setattr(pipe, "_edit_jit", lambda *a: fed.append(a) or real(*a))
+    want = pipe.edit(image, fx.INSTRUCTION, resize="keep", batch_size=1, progress=False, **kw).arrays[0]
+    params, plan, pixels, cond, null, *rest = fed[0]
+    assert set(cond) == {"text", "pooled", "time_ids"} and set(null) == {"text", "pooled"}
+    np.testing.assert_array_equal(np.asarray(cond["time_ids"]), [[fx.H, fx.W, 0, 0, fx.H, fx.W]])
+    exported = pipe.export(platform="cpu", batch=1, size=(fx.H, fx.W), steps=2, sampler="euler")
+    got = jax.export.deserialize(exported.serialize()).call(params, export_plan(plan), pixels, cond, null, *rest)
+    np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-5)
+    local = pipe.edit_local_batch([image], [fx.INSTRUCTION], [5], [5.0], [1.5], steps=2, sampler="euler")
+    np.testing.assert_allclose(local[0], want, atol=1e-5)
