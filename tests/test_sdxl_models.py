@@ -92,8 +92,8 @@ def test_projection_text_encoder_matches_transformers(layers):
     assert "text_projection" in params and "bias" not in params["text_projection"]
     model = C.CLIPTextModelWithProjection(cfg)
     ids = _ids(3, 77, VOCAB - 1, 0)
-    (pen, embeds), (last, _) = [jax.jit(lambda p, i, pen=pen: model.apply({"params": p}, i, penultimate=pen))(params, ids)
-                                for pen in (True, False)]
+    run = jax.jit(lambda p, i, pen: model.apply({"params": p}, i, penultimate=pen), static_argnums=2)
+    (pen, embeds), (last, _) = run(params, ids, True), run(params, ids, False)
     with torch.no_grad():
         out = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
     scale = lambda a: float(np.abs(a).max())  # noqa: E731

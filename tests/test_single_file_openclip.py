@@ -40,8 +40,9 @@ def _open_clip_state(text_params_torch: dict, hidden: int, rng) -> dict:
         for kind in ("weight", "bias"):
             out[dst + f"attn.in_proj_{kind}"] = np.concatenate([get(f"self_attn.{p}_proj.{kind}") for p in "qkv"])
             out[dst + f"attn.out_proj.{kind}"] = get(f"self_attn.out_proj.{kind}")
-            out[dst + f"ln_1.{kind}"], out[dst + f"ln_2.{kind}"] = get(f"layer_norm1.{kind}"), get(f"layer_norm2.{kind}")
-            out[dst + f"mlp.c_fc.{kind}"], out[dst + f"mlp.c_proj.{kind}"] = get(f"mlp.fc1.{kind}"), get(f"mlp.fc2.{kind}")
+            for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj")):
+                out[dst + f"{theirs}.{kind}"] = get(f"{ours}.{kind}")
     return out
 
 

@@ -78,7 +78,8 @@ def sdxl_memory_report(fsdp_sizes: Iterable[int] = (1, 4, 8), *, min_size: int =
     frozen = {k: v for k, v in shapes.items() if k != "unet"}
     rows = []
     for n in fsdp_sizes:
-        row = {"fsdp": n, **{f"unet_{k}": v for k, v in train_state_bytes(shapes["unet"], n, min_size=min_size).items()}}
+        state = train_state_bytes(shapes["unet"], n, min_size=min_size)
+        row = {"fsdp": n, **{f"unet_{k}": v for k, v in state.items()}}
         row["frozen"] = per_device_bytes(frozen, n, min_size)
         row["total"] = row["unet_total"] + row["frozen"]
         rows.append(row)

@@ -240,7 +240,8 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
         configs[name] = ALL_SPECS[name].config_from_dict(dicts[name], source=source)
     ref_dicts = {name: config_dict(name, c) for name, c in configs.items()}
     states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path,
-                                        text_config=ref_dicts["text_encoder"], text2_config=ref_dicts.get("text_encoder_2"))
+                                        text_config=ref_dicts["text_encoder"],
+                                        text2_config=ref_dicts.get("text_encoder_2"))
     del ckpt
     tokenizer = _tokenizer(tokenizer, tok_folder)   # before the long part, so a missing one fails fast
     tokenizer_2 = _tokenizer(os.path.join(tok_folder, "tokenizer_2"), None) if sdxl else None
@@ -403,7 +404,8 @@ def transformers_to_open_clip(state: Mapping[str, np.ndarray], hidden: int, pref
     out = {}
     fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
              "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
     for key, value in state.items():
         m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         if key in fixed:
