@@ -31,8 +31,9 @@ from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
-from ip2p_jax.tokenizer import MAX_LENGTH, tokenize
+from ip2p_jax.tokenizer import MAX_LENGTH
 from ip2p_jax.weights import load
+from ip2p_jax.weights.diffusers_folder import check_text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,13 @@ class EditPipeline:
     attention_impl: "auto" (Pallas kernel on TPU, cuDNN on GPU in bf16/fp16, else XLA), "xla", "cudnn" or
       "pallas" (forced: a TPU program from any host; see models.layers.attention).
     The model is placed on the mesh by ip2p_jax.placement.
+    SDXL models (components with a second text encoder) edit through the same API: their text
+    conditioning is diffusers' (placement.sdxl_prompt_function); is_cosxl_edit (None: the folder's
+    model_index.json setting) multiplies the image latents by the VAE scaling factor (CosXL Edit).
     """
 
     def __init__(self, components, *, dtype=None, mesh: Mesh | None = None, attention_impl: str = "auto",
-                 source: str | None = None):
+                 source: str | None = None, is_cosxl_edit: bool | None = None):
         c = components
         if mesh is not None and (sharding.DATA not in mesh.axis_names or len(mesh.axis_names) != 1):
             raise EditError(f"EditPipeline needs a 1-D ('data',) mesh, got axes {mesh.axis_names}")
@@ -122,6 +126,7 @@ class EditPipeline:
             raise EditError(f"{source or c.source or 'model'}: not an InstructPix2Pix model: its UNet takes "
                             f"{c.unet_config.in_channels} input channels, editing needs {2 * latent} "
                             "(noisy latents + image latents)")
+        check_text_conditioning(c, source or c.source or "model")
         self.model = placement.place(c, dtype=dtype, mesh=mesh, attention_impl=attention_impl)
         m = self.model
         self.dtype, self.vae_dtype, self.mesh, self.tokenizer = m.dtype, m.vae_dtype, m.mesh, m.tokenizer
@@ -131,10 +136,17 @@ class EditPipeline:
         self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
         self.scheduler_config = dict(c.scheduler_config or {})
         self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
-        self._edit_jit = placement.compiled(_make_edit_function, self.unet, self.vae,
-                                            float(self.vae_config.scaling_factor), self.mesh)
+        self.is_sdxl = c.is_sdxl
+        settings = dict(c.pipeline_config or {})
+        self.force_zeros_for_empty_prompt = bool(settings.get("force_zeros_for_empty_prompt", True))
+        self.is_cosxl_edit = bool(settings.get("is_cosxl_edit", False) if is_cosxl_edit is None else is_cosxl_edit)
+        # CosXL Edit conditions on scaled image latents; everything else on the unscaled mode
+        self._image_latent_scale = float(self.vae_config.scaling_factor) if self.is_cosxl_edit else 1.0
+        self._edit_jit = self._compiled_edit(guidance.FULL, 0.0)
         self._autoencode_jit = placement.compiled(_make_autoencode_function, self.vae)
-        self._local_text_jit = placement.compiled(_make_local_text_function, self.text_encoder, self.mesh)
+        self._local_text_jit = (placement.compiled(_make_local_sdxl_function, self.text_encoder,
+                                                   self.model.text_encoder_2, self.mesh) if self.is_sdxl else
+                                placement.compiled(_make_local_text_function, self.text_encoder, self.mesh))
 
     @property
     def params(self) -> dict:
@@ -147,12 +159,22 @@ class EditPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, *, dtype=None, mesh: Mesh | None = None,
-                        attention_impl: str = "auto", **load_kwargs) -> "EditPipeline":
-        """Load a diffusers folder, single-file checkpoint or hub id (see ip2p_jax.weights.load)."""
+                        attention_impl: str = "auto", is_cosxl_edit: bool | None = None,
+                        **load_kwargs) -> "EditPipeline":
+        """Load a diffusers folder (SD or SDXL InstructPix2Pix), single-file checkpoint or hub id
+        (see ip2p_jax.weights.load)."""
         d = dtypes.compute_dtype(dtype)
         components = load(path_or_hub_id, dtype=np.dtype(d), **load_kwargs)
         return cls(components, dtype=d, mesh=mesh, attention_impl=attention_impl,
-                   source=str(path_or_hub_id))
+                   source=str(path_or_hub_id), is_cosxl_edit=is_cosxl_edit)
+
+    def _compiled_edit(self, branches, guidance_rescale: float, masked: bool = False):
+        key = (self.unet, self.vae, float(self.vae_config.scaling_factor), self.mesh)
+        if self._image_latent_scale != 1.0 or guidance_rescale or masked:
+            key += (branches, self._image_latent_scale, float(guidance_rescale), masked)
+        elif branches != guidance.FULL:
+            key += (branches,)
+        return placement.compiled(_make_edit_function, *key)
 
     @property
     def native_resolution(self) -> int:
@@ -179,6 +201,27 @@ class EditPipeline:
         """(N, 77, D) last hidden states in the compute dtype. Batches are padded to a power of two
         so a few compiled shapes serve every call."""
         return self.model.encode_text(texts)
+
+    def encode_prompts(self, texts: Sequence[str]):
+        """The UNet's text conditioning of `texts` (host numpy): SD, encode_text's (N, 77, D); SDXL,
+        {"text": (N, 77, D1 + D2), "pooled": (N, P)} (placement.sdxl_prompt_function)."""
+        return self.model.encode_prompts(texts)
+
+    def null_conditioning(self, empty=None):
+        """The null-text branches' conditioning: the encoding of "" (`empty`, if already encoded),
+        or for an SDXL model with force_zeros_for_empty_prompt (diffusers' default) zeros, as
+        diffusers builds the unconditional embeddings without a negative prompt."""
+        empty = self.encode_prompts([""]) if empty is None else empty
+        empty = jax.tree.map(lambda a: a[-1], empty)
+        if self.is_sdxl and self.force_zeros_for_empty_prompt:
+            return jax.tree.map(np.zeros_like, empty)
+        return empty
+
+    @staticmethod
+    def time_ids(height: int, width: int, rows: int) -> np.ndarray:
+        """SDXL's micro-conditioning per row: (original size, crop top-left, target size) =
+        (h, w, 0, 0, h, w) of the edited image, float32 (rows, 6)."""
+        return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (rows, 1))
 
     def autoencode(self, images: Sequence) -> list:
         """Each RGB PIL image (all one size, a multiple of the VAE factor) through the VAE: the
@@ -237,10 +280,10 @@ class EditPipeline:
                   randomize_scales: bool = False, batch_size: int | None = None, names=None,
                   max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
                   mask=None, mask_blur: float = 0.0, mask_composite: bool = True,
-                  progress: bool = False) -> Iterator[EditOutput]:
+                  guidance_rescale: float = 0.0, progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
         check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
-                      image_scale=image_scale)
+                      image_scale=image_scale, guidance_rescale=guidance_rescale)
         plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
         resolution = self.native_resolution if resolution is None else resolution
         jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
@@ -250,6 +293,9 @@ class EditPipeline:
                           max_edit_pixels=max_edit_pixels, mask=mask, mask_blur=mask_blur,
                           mask_composite=mask_composite)
         noise = self._check_latents(latents, jobs)
+        if guidance_rescale:
+            for jb in jobs:
+                jb.settings["guidance_rescale"] = float(guidance_rescale)
         bar = progress_bar(total=len(jobs), desc="editing", unit="img", enabled=progress)
         try:
             for job in jobs:
@@ -261,9 +307,9 @@ class EditPipeline:
             if not work:
                 return
             texts = sorted({j.instruction for j in work})
-            emb = self.encode_text(texts + [""])
+            emb = self.encode_prompts(texts + [""])
             row = {t: i for i, t in enumerate(texts)}
-            null = emb[-1]
+            null = self.null_conditioning(emb)
             groups: dict[tuple, list[_Job]] = {}
             for j in work:   # masked rows run the masked program, the others exactly today's
                 groups.setdefault((j.image.size, j.mask is not None), []).append(j)
@@ -274,7 +320,8 @@ class EditPipeline:
             pending = None   # dispatch chunk k+1 before collecting chunk k: host and device overlap
             for chunk, size in chunks + [(None, 0)]:
                 try:
-                    started = self._dispatch(plan, chunk, size, emb, row, null, noise) if chunk else None
+                    started = (self._dispatch(plan, chunk, size, emb, row, null, noise, guidance_rescale)
+                               if chunk else None)
                 except Exception:
                     if pending is not None:   # hand out finished work before the error propagates
                         for out in self._collect(*pending):
@@ -369,40 +416,49 @@ class EditPipeline:
         cap = PER_DEVICE_BATCH * self.num_devices
         return sharding.padded_size(min(cap, sharding.bucket_size(n)), self.num_devices)
 
-    def _dispatch(self, plan, chunk: list, size: int, emb, row, null, noise):
+    def _dispatch(self, plan, chunk: list, size: int, emb, row, null, noise, guidance_rescale: float = 0.0):
         """Start one compiled edit on `chunk` (padded to `size` rows); returns (device result, chunk)."""
         batch = sharding.batch_sharding(self.mesh)
         rep = sharding.replicated(self.mesh)
         pad = lambda a: sharding.to_global(sharding.pad_rows(np.asarray(a), size), batch)  # noqa: E731
         pixels = pad(np.stack([imlib.to_model_array(j.image) for j in chunk]))
-        cond = pad(emb[[row[j.instruction] for j in chunk]])
+        w, h = chunk[0].image.size
+        cond = self._conditioning_rows(emb, [row[j.instruction] for j in chunk], h, w)
+        cond = jax.tree.map(pad, cond)
         seed_rows = sharding.pad_rows(np.array([j.seed for j in chunk], np.uint32), size)
         ts = pad(np.array([j.text_scale for j in chunk], np.float32))
         iscale = pad(np.array([j.image_scale for j in chunk], np.float32))
-        w, h = chunk[0].image.size
         f = self.vae_scale
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = pad(np.stack([self.initial_noise(j.seed, shape) for j in chunk]) if noise is None
                    else noise[[j.index for j in chunk]])
         masked = any(j.mask is not None for j in chunk)
-        fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk], masked)
+        fn = self._edit_function([j.text_scale for j in chunk], [j.image_scale for j in chunk], guidance_rescale,
+                                 masked)
         extra = ()
         if masked:   # every row of a masked chunk has its mask
             extra = (pad(np.stack([j.mask for j in chunk])[..., None]),
                      pad(np.array([j.settings["mask_composite"] for j in chunk], np.bool_)))
         out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
-                 sharding.to_global(null, rep), sharding.to_global(seed_rows, batch), init, ts, iscale, *extra)
+                 jax.tree.map(lambda a: sharding.to_global(a, rep), null), sharding.to_global(seed_rows, batch),
+                 init, ts, iscale, *extra)
         return out, chunk
 
-    def _edit_function(self, text_scales, image_scales, masked: bool = False):
+    def _conditioning_rows(self, emb, rows, height: int, width: int):
+        """The instruction conditioning of `rows` of encode_prompts' `emb`; SDXL adds time ids."""
+        cond = jax.tree.map(lambda a: a[rows], emb)
+        if self.is_sdxl:
+            cond["time_ids"] = self.time_ids(height, width, len(rows))
+        return cond
+
+    def _edit_function(self, text_scales, image_scales, guidance_rescale: float = 0.0, masked: bool = False):
         """The compiled edit for these rows: fewer guidance branches where their scales make that
         exact (one compile per branch set), else the full 3-way one; `masked`: the variant taking
         per-row masks (a separate compile, so unmasked requests run exactly today's program)."""
         branches = guidance.branches_for(list(text_scales), list(image_scales))
-        if branches == guidance.FULL and not masked:
+        if branches == guidance.FULL and not guidance_rescale and not masked:
             return self._edit_jit
-        return placement.compiled(_make_edit_function, self.unet, self.vae, float(self.vae_config.scaling_factor),
-                                  self.mesh, branches, *((True,) if masked else ()))
+        return self._compiled_edit(branches, guidance_rescale, masked)
 
     def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
                platform: str | None = None):
@@ -425,13 +481,24 @@ class EditPipeline:
         edit_jit = self._edit_jit
         run = jax.jit(lambda params, plan, *rest: edit_jit(params, template.replace(**plan), *rest))
         sds = jax.ShapeDtypeStruct
-        text = (MAX_LENGTH, self.text_config.hidden_size)
         abstract = lambda tree: jax.tree.map(lambda a: sds(a.shape, a.dtype), tree)  # noqa: E731
+        cond, null = self._conditioning_avals(batch)
         args = (abstract(self.params), abstract(export_plan(template)),
-                sds((batch, h, w, 3), jnp.float32), sds((batch,) + text, self.dtype), sds(text, self.dtype),
+                sds((batch, h, w, 3), jnp.float32), cond, null,
                 sds((batch,), jnp.uint32), sds((batch, h // f, w // f, self.vae_config.latent_channels), jnp.float32),
                 sds((batch,), jnp.float32), sds((batch,), jnp.float32))
         return jax.export.export(run, platforms=[platform or jax.default_backend()])(*args)
+
+    def _conditioning_avals(self, batch: int):
+        """Shapes of the compiled edit's (cond, null) arguments."""
+        sds = jax.ShapeDtypeStruct
+        text = (MAX_LENGTH, self.unet_config.cross_attention_dim)
+        if not self.is_sdxl:
+            return sds((batch,) + text, self.dtype), sds(text, self.dtype)
+        pooled = (self.unet_config.pooled_dim,)
+        cond = {"text": sds((batch,) + text, self.dtype), "pooled": sds((batch,) + pooled, self.dtype),
+                "time_ids": sds((batch, 6), jnp.float32)}
+        return cond, {"text": sds(text, self.dtype), "pooled": sds(pooled, self.dtype)}
 
     @staticmethod
     def _collect(out, chunk: list) -> list:
@@ -461,8 +528,12 @@ class EditPipeline:
         w, h = sizes.pop()
         f = self.vae_scale
         glob = lambda a: sharding.local_to_global(a, self.mesh)  # noqa: E731
-        ids = glob(tokenize(self.tokenizer, list(instructions)))
-        cond = self._local_text_jit(self.params["text"], ids)
+        ids = jax.tree.map(glob, self.model.token_ids(list(instructions)))
+        if self.is_sdxl:
+            cond = dict(self._local_text_jit(self.model.prompt_params(), ids),
+                        time_ids=glob(self.time_ids(h, w, n)))
+        else:
+            cond = self._local_text_jit(self.params["text"], ids)
         shape = (h // f, w // f, self.vae_config.latent_channels)
         init = glob(np.stack([self.initial_noise(int(s), shape) for s in seeds]))
         pixels = glob(np.stack([imlib.to_model_array(im) for im in images]))
@@ -471,7 +542,8 @@ class EditPipeline:
         all_scales = multihost_utils.process_allgather(np.asarray([text_scales, image_scales], np.float32))
         fn = self._edit_function(np.ravel(all_scales[..., 0, :]), np.ravel(all_scales[..., 1, :]))
         out = fn(self.params, samplers.generic_plan(plan), pixels, cond,
-                 sharding.to_global(self.encode_text([""])[0], rep), glob(np.asarray(seeds, np.uint32)), init,
+                 jax.tree.map(lambda a: sharding.to_global(a, rep), self.null_conditioning()),
+                 glob(np.asarray(seeds, np.uint32)), init,
                  glob(np.asarray(text_scales, np.float32)), glob(np.asarray(image_scales, np.float32)))
         return sharding.to_local(out, self.mesh)
 
@@ -584,28 +656,38 @@ class EditPipeline:
 
 # ---------------------------------------------------------------------- the compiled edit
 
-def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL, masked: bool = False):
+def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance.FULL,
+                        image_latent_scale: float = 1.0, guidance_rescale: float = 0.0, masked: bool = False):
     """The whole edit as one jitted function; the sampler is run-time data (samplers.generic_plan:
-    per-step coefficients of one formula), so one compile serves all four. `masked` adds two
+    per-step coefficients of one formula), so one compile serves all four.
+
+    cond / null: the text conditioning (guidance.expand_conditioning): SD's (B, L, D) / (L, D)
+    embeddings, or SDXL's {"text", "pooled", "time_ids"} / {"text", "pooled"}. `masked` adds two
     inputs: mask (B, H, W, 1) float32 in [0, 1] (1 = editable) and composite (B,) bool (whether the
     decoded row is composited with the input under the mask); see diffusion/masking.py."""
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def edit(params, plan, pixels, cond, null, seeds, init_noise, text_scale, image_scale, mask=None,
              composite=None):
-        # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled.
-        mean, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
-        image_latents = jax.lax.with_sharding_constraint(mean, batch)
+        # pixels (B, H, W, 3) in [-1, 1]; the input's latents are the posterior mode, unscaled
+        # (CosXL Edit: times the scaling factor).
+        mode, _ = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
+        image_latents = jax.lax.with_sharding_constraint(
+            mode * image_latent_scale if image_latent_scale != 1.0 else mode, batch)
         noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
 
         def model_fn(x, t, text):   # the guidance batch: rows [cond, image-only, uncond] (or `branches`) per example
+            if isinstance(text, dict):   # SDXL
+                return unet.apply({"params": params["unet"]}, x, t, text["text"], text_embeds=text["pooled"],
+                                  time_ids=text["time_ids"])
             return unet.apply({"params": params["unet"]}, x, t, text)
 
-        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches)
+        eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches,
+                                        guidance_rescale)
         step_keys = jax.vmap(jax.random.key)(seeds)   # per-output threefry keys for the ancestral noise
         after_step = None
         if masked:   # outside the mask: the input's latents noised to each step's level
-            clean = image_latents.astype(jnp.float32) * scaling
+            clean = mode.astype(jnp.float32) * scaling
             f = pixels.shape[1] // noise.shape[1]
             after_step = masking.blend_after_step(plan, clean, noise, masking.latent_mask(mask, f))
         latents = samplers.sample(eps_fn, noise, plan, step_keys, after_step=after_step)
@@ -625,6 +707,12 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance
 def _make_local_text_function(text_encoder, mesh: Mesh):
     """The text encoder over batch-sharded token ids (each process's own rows)."""
     return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.batch_sharding(mesh))
+
+
+def _make_local_sdxl_function(text_encoder, text_encoder_2, mesh: Mesh):
+    """SDXL's text conditioning over batch-sharded token id pairs (each process's own rows)."""
+    return jax.jit(placement.sdxl_prompt_function(text_encoder, text_encoder_2),
+                   out_shardings=sharding.batch_sharding(mesh))
 
 
 def export_plan(plan: samplers.Plan) -> dict:
@@ -672,7 +760,7 @@ def random_scales(seed: int, n: int) -> tuple[list[float], list[float]]:
 
 
 def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=7.5,
-                  image_scale=1.5) -> None:
+                  image_scale=1.5, guidance_rescale=0.0) -> None:
     """EditError (naming the setting and its flag) unless every setting is within the request
     limits above. Cheap: callers run it before any planning, loading or compiling."""
     def count(value, name, limit):
@@ -692,6 +780,9 @@ def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None,
         if not np.all(np.isfinite(scales)) or np.any(np.abs(scales) > MAX_SCALE):
             raise EditError(f"{name} / --{name.replace('_', '-')} must be finite numbers with "
                             f"|value| <= {MAX_SCALE:g}, got {value!r}")
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating)) \
+            or not 0.0 <= guidance_rescale <= 1.0:
+        raise EditError(f"guidance_rescale / --guidance-rescale must be a number from 0 to 1, got {guidance_rescale!r}")
 
 
 def _per_item(value, n: int, name: str) -> list[float]:

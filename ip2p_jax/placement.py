@@ -2,6 +2,7 @@
 
     model = place(components, dtype="bf16")            # Flax modules + params replicated on the mesh
     emb = model.encode_text(["make it winter", ""])    # (N, 77, D) host numpy
+    cond = model.encode_prompts(["make it winter"])    # the UNet's text conditioning (SDXL: a dict)
 
 EditPipeline (and through it the training sampler) and the pair stage's PairSampler place their
 Stable Diffusion / InstructPix2Pix models with `place`; the CLIP metrics place theirs with
@@ -24,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ip2p_jax import dtypes, sharding
-from ip2p_jax.models.clip import CLIPTextModel
+from ip2p_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.tokenizer import tokenize
@@ -69,12 +70,30 @@ def _text_function(text_encoder: CLIPTextModel, mesh: Mesh):
     return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.replicated(mesh))
 
 
+def sdxl_prompt_function(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection):
+    """SDXL's text conditioning as diffusers' encode_prompt builds it, a pure function
+    (params {"text", "text_2"}, (ids, ids_2)) -> {"text": (N, L, D1 + D2), "pooled": (N, P)}:
+    both encoders' penultimate hidden states (no final layer norm) concatenated on features, and
+    the second encoder's projected pooled output."""
+    def encode(params, ids):
+        ids_1, ids_2 = ids
+        h1 = text_encoder.apply({"params": params["text"]}, ids_1, penultimate=True)
+        h2, pooled = text_encoder_2.apply({"params": params["text_2"]}, ids_2, penultimate=True)
+        return {"text": jnp.concatenate([h1, h2.astype(h1.dtype)], axis=-1), "pooled": pooled}
+    return encode
+
+
+def _sdxl_prompt_jit(text_encoder, text_encoder_2, mesh: Mesh):
+    return jax.jit(sdxl_prompt_function(text_encoder, text_encoder_2), out_shardings=sharding.replicated(mesh))
+
+
 @dataclasses.dataclass
 class PlacedModel:
     """A Stable Diffusion / InstructPix2Pix model on a ('data',) mesh.
 
     params: {"unet", "vae", "text"} replicated pytrees (the VAE's in `vae_dtype`, the rest in
     `dtype`); callers may replace entries (the training sampler swaps in new EMA weights).
+    SDXL models also have text_encoder_2 / tokenizer_2 and params["text_2"].
     """
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -84,6 +103,33 @@ class PlacedModel:
     dtype: jnp.dtype
     vae_dtype: jnp.dtype
     mesh: Mesh
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def token_ids(self, texts: Sequence[str]):
+        """Token ids (N, 77) of `texts`; SDXL: a pair, one per tokenizer (they pad differently)."""
+        ids = tokenize(self.tokenizer, list(texts))
+        return (ids, tokenize(self.tokenizer_2, list(texts))) if self.is_sdxl else ids
+
+    def prompt_params(self) -> dict:
+        """The text encoders' params sdxl_prompt_function takes."""
+        return {"text": self.params["text"], "text_2": self.params["text_2"]}
+
+    def encode_prompts(self, texts: Sequence[str]):
+        """The UNet's text conditioning of `texts`, host numpy in the compute dtype: SD, the
+        (N, 77, D) last hidden states (encode_text); SDXL, {"text": (N, 77, D1 + D2), "pooled": (N, P)}
+        (sdxl_prompt_function). Batches are padded to a power of two."""
+        if not self.is_sdxl:
+            return self.encode_text(texts)
+        n = len(texts)
+        ids = jax.tree.map(lambda a: sharding.to_global(sharding.pad_rows(a, sharding.bucket_size(n, minimum=2)),
+                                                        sharding.replicated(self.mesh)), self.token_ids(texts))
+        fn = compiled(_sdxl_prompt_jit, self.text_encoder, self.text_encoder_2, self.mesh)
+        return jax.tree.map(lambda a: sharding.to_host(a)[:n], fn(self.prompt_params(), ids))
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N, 77, D) last hidden states in the compute dtype, batches padded to a power of two."""
@@ -103,8 +149,14 @@ def place(components, *, dtype=None, mesh: Mesh | None = None, attention_impl: s
     mesh = mesh if mesh is not None else sharding.data_mesh()
     vdtype = vae_dtype(dtype, c.vae_config)
     params = {"unet": cast(c.unet_params, dtype), "vae": cast(c.vae_params, vdtype), "text": cast(c.text_params, dtype)}
+    sdxl = getattr(c, "text2_config", None) is not None
+    if sdxl:
+        params["text_2"] = cast(c.text2_params, dtype)
     return PlacedModel(
         unet=UNet2DConditionModel(c.unet_config, dtype=dtype, attention_impl=attention_impl),
         vae=AutoencoderKL(c.vae_config, dtype=vdtype, attention_impl=attention_impl),
         text_encoder=CLIPTextModel(c.text_config, dtype=dtype, attention_impl=attention_impl),
-        params=sharding.replicate(params, mesh), tokenizer=c.tokenizer, dtype=dtype, vae_dtype=vdtype, mesh=mesh)
+        params=sharding.replicate(params, mesh), tokenizer=c.tokenizer, dtype=dtype, vae_dtype=vdtype, mesh=mesh,
+        text_encoder_2=(CLIPTextModelWithProjection(c.text2_config, dtype=dtype, attention_impl=attention_impl)
+                        if sdxl else None),
+        tokenizer_2=c.tokenizer_2 if sdxl else None)

@@ -134,3 +134,68 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     base = np.stack([yy, xx, 1 - yy], -1)
     return np.clip(255 * (0.8 * base + 0.2 * rng.random((h, w, 3))), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+SDXL_TIME_DIM, SDXL_PROJECTION = 8, 16   # addition_time_embed_dim; text_encoder_2 projection_dim
+
+
+def sdxl_unet(in_channels: int = 8, seed: int = 0, text_dims: tuple[int, int] = (32, 48)):
+    """SDXL's UNet layout in miniature: no attention at the first level, linear projections,
+    2 transformer layers at the second (and in the middle), text_time micro-conditioning."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=sum(text_dims), attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_PROJECTION)
+    return perturb(m, seed=seed)
+
+
+def text_encoder_2(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 48):
+    """transformers CLIPTextModelWithProjection (SDXL's OpenCLIP bigG encoder), gelu, pad id 0. Its
+    hidden size differs from text_encoder's, as in SDXL (diffusers' single-file reader tells the
+    two encoders apart by it)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=SDXL_PROJECTION, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                         pad_token_id=0)
+    return perturb(CLIPTextModelWithProjection(cfg), seed=seed)
+
+
+def tokenizer_2(directory: str):
+    """SDXL's second tokenizer: the same BPE, padded with "!" (id 0) instead of the end token."""
+    from transformers import CLIPTokenizer
+
+    vpath, mpath = tokenizer_files(directory)
+    return CLIPTokenizer(vpath, mpath, model_max_length=77, pad_token="!")
+
+
+def save_sdxl_pipeline(directory: str, seed: int = 0, scheduler: str = "euler", *,
+                       force_zeros_for_empty_prompt: bool = True) -> str:
+    """A complete tiny SDXL InstructPix2Pix pipeline in diffusers' folder layout; returns `directory`."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline
+
+    import tempfile
+
+    tok = tokenizer(tempfile.mkdtemp(prefix="tok_"))
+    tok2 = tokenizer_2(tempfile.mkdtemp(prefix="tok2_"))
+    sched_kw = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched = (DDIMScheduler(**sched_kw, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+             if scheduler == "ddim" else EulerDiscreteScheduler(**sched_kw))
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        vae=vae(seed), text_encoder=text_encoder(len(tok), seed), text_encoder_2=text_encoder_2(len(tok2), seed + 1),
+        tokenizer=tok, tokenizer_2=tok2, unet=sdxl_unet(8, seed=seed), scheduler=sched,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.save_pretrained(directory)
+    return directory

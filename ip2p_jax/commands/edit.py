@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sampler steps (default: {DEFAULT_STEPS}; {DEMO_STEPS} for the demo model)")
     p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale")
     p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="0..1: pull the guided prediction's std toward the instruction branch's (diffusers' "
+                        "guidance_rescale; SDXL users try 0.7 against over-saturation); default 0: off")
     p.add_argument("--randomize-scales", action="store_true",
                    help="draw text scale from U[6, 9] and image scale from U[1.2, 1.8] per edit (as the authors' app)")
     p.add_argument("--seed", type=int, default=None, help="default: random (written to each sidecar)")
@@ -214,7 +217,8 @@ def run(args) -> int:
         raise EditUsageError("--steps, --num-samples and --batch-size must be positive")
     check_request(steps=steps, num_samples=args.num_samples, batch_size=args.batch_size,
                   text_scale=[args.text_scale, *(args.text_scales if args.grid else [])],
-                  image_scale=[args.image_scale, *(args.image_scales if args.grid else [])])
+                  image_scale=[args.image_scale, *(args.image_scales if args.grid else [])],
+                  guidance_rescale=args.guidance_rescale)
     make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
@@ -266,7 +270,7 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     common = dict(steps=steps, sampler=args.sampler, schedule=args.schedule, resolution=resolution,
                   resize=args.resize, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                  max_edit_pixels=args.max_edit_pixels)
+                  max_edit_pixels=args.max_edit_pixels, guidance_rescale=args.guidance_rescale)
     try:
         run_fn = _run_sessions if turns else _run_grid if args.grid else _run_edits
         args.turns, args.mask_image = turns, mask

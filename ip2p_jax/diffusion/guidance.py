@@ -11,6 +11,11 @@ Fewer branches are exact for some scales (`branches_for`, decided on the host): 
 1 the guided eps is e_img + s_T (e_cond - e_img) (no uncond rows), with both scales 1 it is
 e_cond, with text scale 0 it is e_uncond + s_I (e_img - e_uncond). (Text scale 1 alone still
 needs all three: e_cond + (s_I - 1)(e_img - e_uncond).) Rows keep the per-example interleaving.
+
+The text conditioning is an array (SD: text embeddings) or a dict of per-example arrays (SDXL:
+"text", "pooled" embeddings and "time_ids"); `expand_conditioning` builds its k-branch batch.
+`guidance_rescale` (diffusers' rescale_noise_cfg, arXiv 2305.08891 sec. 3.4) optionally pulls
+the guided eps' per-example std back toward e_cond's.
 """
 from __future__ import annotations
 
@@ -75,17 +80,60 @@ def expand_text(cond_emb: jax.Array, null_emb: jax.Array, branches=FULL) -> jax.
     return _interleave(*[cond_emb if b == "cond" else null for b in branches])
 
 
+def _expand_leaf(cond: jax.Array, null: jax.Array | None, branches, name: str) -> jax.Array:
+    if null is None:   # the same on every branch (SDXL's time ids)
+        return _interleave(*[cond for _ in branches])
+    null = null[None] if null.ndim == cond.ndim - 1 else null
+    if null.ndim != cond.ndim or null.shape[1:] != cond.shape[1:] or null.shape[0] not in (1, cond.shape[0]):
+        raise ValueError(f"guidance: null {name} {null.shape} does not match the instruction's {cond.shape}")
+    null = jnp.broadcast_to(null, cond.shape).astype(cond.dtype)
+    return _interleave(*[cond if b == "cond" else null for b in branches])
+
+
+def expand_conditioning(cond, null, branches=FULL):
+    """The text conditioning of the k-branch batch. cond: (B, L, D) embeddings (as expand_text) or a
+    dict of per-example arrays (B, ...); null: the same structure, each entry without or with a
+    leading 1 or B axis, used on the null-text branches. A dict entry missing from null (SDXL's
+    time ids) is the example's own on every branch."""
+    if not isinstance(cond, dict):
+        return expand_text(cond, null, branches)
+    _check(branches)
+    unknown = set(null) - set(cond)
+    if unknown:
+        raise ValueError(f"guidance: null conditioning has entries {sorted(unknown)} the instruction's lacks")
+    return {name: _expand_leaf(c, null.get(name), branches, name) for name, c in cond.items()}
+
+
+def rescale_noise_cfg(guided: jax.Array, e_cond: jax.Array, guidance_rescale) -> jax.Array:
+    """diffusers' rescale_noise_cfg: mix `guided` with itself rescaled to e_cond's per-example std
+    (unbiased, over all but the batch axis) by the factor guidance_rescale."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(e_cond, axis=axes, keepdims=True, ddof=1)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    return guidance_rescale * (guided * (std_cond / std_guided)) + (1 - guidance_rescale) * guided
+
+
 def expand(latents, image_latents, cond_emb, null_emb) -> tuple[jax.Array, jax.Array]:
     """Model inputs for one step: ((3B, h, w, 2C) latents, (3B, L, D) text)."""
     return expand_latents(latents, image_latents), expand_text(cond_emb, null_emb)
 
 
-def combine(eps: jax.Array, text_scale, image_scale, branches=FULL) -> jax.Array:
+def combine(eps: jax.Array, text_scale, image_scale, branches=FULL, guidance_rescale: float = 0.0) -> jax.Array:
     """(kB, ...) branch outputs -> (B, ...) guided eps (float32).
 
     e_uncond + s_T (e_cond - e_img) + s_I (e_img - e_uncond); scales are scalars or (B,) arrays.
     With fewer branches (branches_for), the reduced formula of the module docstring.
+    guidance_rescale (a host number; 0: off) applies rescale_noise_cfg where guidance is used
+    (the cond branch and another one), as diffusers' SDXL InstructPix2Pix pipeline does.
     """
+    guided = _combine(eps, text_scale, image_scale, branches)
+    if guidance_rescale and "cond" in branches and len(branches) > 1:
+        e_cond = split_branches(eps, len(branches))[:, branches.index("cond")].astype(jnp.float32)
+        guided = rescale_noise_cfg(guided, e_cond, guidance_rescale)
+    return guided
+
+
+def _combine(eps: jax.Array, text_scale, image_scale, branches) -> jax.Array:
     _check(branches)
     e = split_branches(eps, len(branches)).astype(jnp.float32)
     got = {b: e[:, n] for n, b in enumerate(branches)}
@@ -107,20 +155,21 @@ def combine(eps: jax.Array, text_scale, image_scale, branches=FULL) -> jax.Array
 
 def guided_eps_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
                   image_latents: jax.Array, cond_emb: jax.Array, null_emb: jax.Array,
-                  text_scale, image_scale, branches=FULL) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+                  text_scale, image_scale, branches=FULL,
+                  guidance_rescale: float = 0.0) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """The `eps_fn(model_input, timestep, i)` samplers.sample needs, from a 3-way-batch model
     (the step index i is not used).
 
-    model_fn(latents (kB, h, w, 2C), timesteps (kB,), text (kB, L, D)) -> eps (kB, h, w, C), k the
-    number of branches (3, or fewer from branches_for). The text batch is expanded once, outside
-    the sampling loop body.
+    model_fn(latents (kB, h, w, 2C), timesteps (kB,), text) -> eps (kB, h, w, C), k the number of
+    branches (3, or fewer from branches_for); text is the expand_conditioning of cond_emb / null_emb
+    ((kB, L, D), or SDXL's dict). It is expanded once, outside the sampling loop body.
     """
-    text = expand_text(cond_emb, null_emb, branches)
+    text = expand_conditioning(cond_emb, null_emb, branches)
 
     def eps_fn(noisy_scaled: jax.Array, timestep: jax.Array, i: jax.Array) -> jax.Array:
         del i   # guidance is the same at every step
         x = expand_latents(noisy_scaled, image_latents, branches)
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
-        return combine(model_fn(x, t, text), text_scale, image_scale, branches)
+        return combine(model_fn(x, t, text), text_scale, image_scale, branches, guidance_rescale)
 
     return eps_fn

@@ -198,11 +198,15 @@ class CLIPEncoder(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, return_penultimate: bool = False):
+        """-> the last layer's output; with return_penultimate also the one before it (transformers'
+        hidden_states[-2]: the embeddings when there is a single layer)."""
         cfg = self.config
+        penultimate = x
         for i in range(cfg.num_hidden_layers):
+            penultimate = x
             x = _EncoderLayer(cfg, self.causal, self.dtype, self.attention_impl, name=f"layers_{i}")(x)
-        return x
+        return (x, penultimate) if return_penultimate else x
 
 
 class _EncoderLayer(nn.Module):
@@ -229,23 +233,25 @@ def pool_eos(hidden, input_ids, eos_token_id: int):
 
 
 class CLIPTextTransformer(nn.Module):
-    """embeddings, causal encoder, final_layer_norm -> (last_hidden_state, pooled)."""
+    """embeddings, causal encoder, final_layer_norm -> (last_hidden_state, pooled); with
+    return_penultimate also the penultimate layer's output (no final layer norm), as a third value."""
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, return_penultimate: bool = False):
         cfg = self.config
         n = input_ids.shape[-1]
         if n > cfg.max_position_embeddings:
             raise ValueError(f"CLIP text input has {n} tokens; the model takes at most "
                              f"{cfg.max_position_embeddings}")
         x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-        x = CLIPEncoder(cfg, True, self.dtype, self.attention_impl, name="encoder")(x)
+        x, penultimate = CLIPEncoder(cfg, True, self.dtype, self.attention_impl, name="encoder")(x, True)
         x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
-        return x, pool_eos(x, input_ids, cfg.eos_token_id)
+        pooled = pool_eos(x, input_ids, cfg.eos_token_id)
+        return (x, pooled, penultimate) if return_penultimate else (x, pooled)
 
 
 def _embed(num: int, dim: int, dtype, name: str) -> nn.Embed:
@@ -315,9 +321,31 @@ class CLIPTextModel(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids, return_pooled: bool = False):
-        last, pooled = CLIPTextTransformer(self.config, self.dtype, self.attention_impl, name="text_model")(input_ids)
-        return (last, pooled) if return_pooled else last
+    def __call__(self, input_ids, return_pooled: bool = False, penultimate: bool = False):
+        """penultimate=True: the first output is the penultimate layer's hidden states instead
+        (transformers' hidden_states[-2], without the final layer norm: what SDXL conditions on)."""
+        last, pooled, before = CLIPTextTransformer(self.config, self.dtype, self.attention_impl, name="text_model")(
+            input_ids, True)
+        hidden = before if penultimate else last
+        return (hidden, pooled) if return_pooled else hidden
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers CLIPTextModelWithProjection (SDXL's second text encoder): input_ids (B, L) ->
+    (hidden states (B, L, D), text_embeds (B, projection_dim)); text_embeds is the bias-free
+    text_projection of the pooled (eos-token) output. Hidden states are the last layer's after the
+    final layer norm, or with penultimate=True the penultimate layer's without it."""
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids, penultimate: bool = False):
+        last, pooled, before = CLIPTextTransformer(self.config, self.dtype, self.attention_impl, name="text_model")(
+            input_ids, True)
+        embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        return (before if penultimate else last), embeds
 
 
 class CLIPModel(nn.Module):
@@ -359,12 +387,13 @@ def _unit(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def abstract_params(config, dtype=jnp.float32):
-    """Params pytree of jax.ShapeDtypeStruct for a CLIPTextConfig (CLIPTextModel) or a CLIPConfig
-    (CLIPModel); nothing is allocated or computed."""
+def abstract_params(config, dtype=jnp.float32, *, projection: bool = False):
+    """Params pytree of jax.ShapeDtypeStruct for a CLIPTextConfig (CLIPTextModel, or with
+    projection=True CLIPTextModelWithProjection) or a CLIPConfig (CLIPModel); nothing is allocated
+    or computed."""
     key = jax.random.key(0)
     if isinstance(config, CLIPTextConfig):
-        model = CLIPTextModel(config, dtype)
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config, dtype)
         ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
         return jax.eval_shape(lambda k, i: model.init(k, i)["params"], key, ids)
     if isinstance(config, CLIPConfig):

@@ -23,13 +23,13 @@ from ip2p_jax.models.transformer import Transformer2DModel
 DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}   # type -> has cross-attention
 UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+TIME_IDS = 6   # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
 
 # diffusers UNet2DConditionModel arguments we do not implement, accepted at their off / default value.
 ACCEPTED_DEFAULTS = {
     "dropout": 0.0, "only_cross_attention": False, "dual_cross_attention": False,
     "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "addition_embed_type_num_heads": 64,
+    "addition_embed_type_num_heads": 64,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
@@ -77,6 +77,10 @@ class UNetConfig:
     num_attention_heads: Any = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # SDXL: "text_time" adds an embedding of [pooled text (B, P), sinusoids of 6 time ids] to temb
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
 
     def __post_init__(self):
         n = len(self.down_block_types)
@@ -95,6 +99,12 @@ class UNetConfig:
             problems.append(f"cross_attention_dim={self.cross_attention_dim!r} must be one int")
         if self.norm_num_groups is None:
             problems.append("norm_num_groups=None (no output norm) is not supported")
+        if self.addition_embed_type not in (None, "text_time"):
+            problems.append(f"unsupported addition_embed_type {self.addition_embed_type!r} (None or 'text_time')")
+        elif self.text_time and not all(isinstance(v, int) and v > 0 for v in (
+                self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)):
+            problems.append("addition_embed_type='text_time' needs integer addition_time_embed_dim and "
+                            "projection_class_embeddings_input_dim")
         try:
             activation(self.act_fn)
         except ValueError as e:
@@ -117,6 +127,17 @@ class UNetConfig:
             value = getattr(self, f.name)
             d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL's micro-conditioning: the UNet also takes pooled text embeds and 6 time ids."""
+        return self.addition_embed_type == "text_time"
+
+    @property
+    def pooled_dim(self) -> int:
+        """The pooled text embedding size a text_time UNet expects (its add_embedding input minus
+        the six time-id sinusoids)."""
+        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
 
     def _per_block(self, value) -> tuple:
         return tuple(value) if isinstance(value, tuple) else (value,) * len(self.down_block_types)
@@ -270,7 +291,8 @@ class UNet2DConditionModel(nn.Module):
     remat: bool | str = False
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, self_attn_source=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, self_attn_source=None, text_embeds=None,
+                 time_ids=None):
         c, dtype = self.config, self.dtype
         wrap = remat_wrapper(self.remat)
         common = dict(config=c, attention_impl=self.attention_impl, dtype=dtype)
@@ -283,6 +305,8 @@ class UNet2DConditionModel(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).astype(dtype)
         temb = TimestepEmbedding(4 * c.block_out_channels[0], c.act_fn, dtype, name="time_embedding")(temb)
+        if c.text_time:
+            temb = temb + self._added_embedding(text_embeds, time_ids, x.shape[0])
         context = encoder_hidden_states.astype(dtype)
 
         x = conv(c.block_out_channels[0], 3, dtype, "conv_in")(x)
@@ -301,6 +325,20 @@ class UNet2DConditionModel(nn.Module):
         x = activation(c.act_fn)(group_norm(c.norm_num_groups, c.norm_eps, dtype, "conv_norm_out")(x))
         return conv(c.out_channels, 3, dtype, "conv_out")(x)
 
+    def _added_embedding(self, text_embeds, time_ids, batch: int):
+        """diffusers' text_time: add_embedding(concat(pooled text, add_time_proj(time ids)))."""
+        c = self.config
+        if text_embeds is None or time_ids is None:
+            raise ConfigError("UNet2DConditionModel: addition_embed_type='text_time' needs text_embeds (B, "
+                              f"{c.pooled_dim}) and time_ids (B, {TIME_IDS})")
+        if text_embeds.shape != (batch, c.pooled_dim) or time_ids.shape != (batch, TIME_IDS):
+            raise ConfigError(f"UNet2DConditionModel: text_embeds {text_embeds.shape} / time_ids {time_ids.shape}; "
+                              f"expected ({batch}, {c.pooled_dim}) / ({batch}, {TIME_IDS})")
+        times = timestep_embedding(jnp.reshape(time_ids, (-1,)), c.addition_time_embed_dim, c.flip_sin_to_cos,
+                                   c.freq_shift).reshape(batch, -1)
+        added = jnp.concatenate([text_embeds.astype(jnp.float32), times], axis=-1).astype(self.dtype)
+        return TimestepEmbedding(4 * c.block_out_channels[0], c.act_fn, self.dtype, name="add_embedding")(added)
+
 
 def abstract_params(config: UNetConfig) -> dict:
     """The fp32 param pytree's shapes (jax.ShapeDtypeStruct leaves), without allocating memory."""
@@ -308,5 +346,8 @@ def abstract_params(config: UNetConfig) -> dict:
     sample = jax.ShapeDtypeStruct((1, n, n, config.in_channels), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
     model = UNet2DConditionModel(config)
-    return jax.eval_shape(lambda s, c: model.init(jax.random.key(0), s, jnp.zeros((1,)), c)["params"],
+    extra = {}
+    if config.text_time:
+        extra = {"text_embeds": jnp.zeros((1, config.pooled_dim)), "time_ids": jnp.zeros((1, TIME_IDS))}
+    return jax.eval_shape(lambda s, c: model.init(jax.random.key(0), s, jnp.zeros((1,)), c, **extra)["params"],
                           sample, context)

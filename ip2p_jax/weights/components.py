@@ -30,21 +30,22 @@ class ComponentSpec:
     # transformers 4 names CLIPTextModel weights `text_model.*`, transformers 5 drops the prefix:
     # files may have it or not; we accept both and write it (both versions read that).
     optional_prefix: str = ""
+    abstract_kwargs: tuple = ()   # extra keyword arguments of module.abstract_params, as (name, value) pairs
 
     def config_from_dict(self, d: Mapping[str, Any], source: str):
         return self.config_class.from_dict(dict(d), source=source)
 
     def abstract_params(self, config):
         try:
-            return _abstract_params_cached(self.module, config)
+            return _abstract_params_cached(self.module, config, self.abstract_kwargs)
         except TypeError:  # an unhashable config
-            return self.module.abstract_params(config)
+            return self.module.abstract_params(config, **dict(self.abstract_kwargs))
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params_cached(module: ModuleType, config):
+def _abstract_params_cached(module: ModuleType, config, kwargs: tuple = ()):
     """Tracing a model for its shapes takes seconds; configs are frozen dataclasses, so cache by them."""
-    return module.abstract_params(config)
+    return module.abstract_params(config, **dict(kwargs))
 
 
 SPECS = {
@@ -55,6 +56,14 @@ SPECS = {
     "text_encoder": ComponentSpec("text_encoder", clip, clip.CLIPTextConfig, "model",
                                   "pytorch_model", "transformers", "CLIPTextModel", optional_prefix="text_model."),
 }
+# SDXL's second text encoder (OpenCLIP ViT-bigG as transformers' CLIPTextModelWithProjection); a
+# model has it or not (Components.text2_config is None for Stable Diffusion 1.x / 2.x).
+SDXL_SPECS = {
+    "text_encoder_2": ComponentSpec("text_encoder_2", clip, clip.CLIPTextConfig, "model", "pytorch_model",
+                                    "transformers", "CLIPTextModelWithProjection",
+                                    abstract_kwargs=(("projection", True),)),
+}
+ALL_SPECS = {**SPECS, **SDXL_SPECS}
 
 
 @dataclasses.dataclass
@@ -64,6 +73,9 @@ class Components:
     Params are the plain nested dicts a Flax `apply({'params': p}, ...)` takes, numpy arrays
     on the host (device_put them where needed). The UNet may have 8 input channels
     (InstructPix2Pix) or 4 (Stable Diffusion; see `expand_conv_in`).
+    SDXL models also have text2_config / text2_params / tokenizer_2 (the second text encoder) and
+    pipeline_config: the model_index.json settings SDXL editing reads (force_zeros_for_empty_prompt,
+    is_cosxl_edit).
     """
     unet_config: Any
     unet_params: dict
@@ -75,12 +87,22 @@ class Components:
     scheduler_config: dict
     source: str = ""
     notes: list = dataclasses.field(default_factory=list)   # what the loader decided (EMA, variant, ...)
+    text2_config: Any = None
+    text2_params: dict | None = None
+    tokenizer_2: Any = None
+    pipeline_config: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text2_config is not None
 
     def configs(self) -> dict:
-        return {"unet": self.unet_config, "vae": self.vae_config, "text_encoder": self.text_config}
+        out = {"unet": self.unet_config, "vae": self.vae_config, "text_encoder": self.text_config}
+        return {**out, "text_encoder_2": self.text2_config} if self.is_sdxl else out
 
     def params(self) -> dict:
-        return {"unet": self.unet_params, "vae": self.vae_params, "text_encoder": self.text_params}
+        out = {"unet": self.unet_params, "vae": self.vae_params, "text_encoder": self.text_params}
+        return {**out, "text_encoder_2": self.text2_params} if self.is_sdxl else out
 
     def param_counts(self) -> dict[str, int]:
         return {name: count_params(p) for name, p in self.params().items()}
@@ -91,8 +113,9 @@ class Components:
     def astype(self, dtype) -> "Components":
         d = dtypes.numpy_dtype(dtype)
         cast = lambda p: cast_params(p, d)  # noqa: E731
+        text2 = None if self.text2_params is None else cast(self.text2_params)
         return dataclasses.replace(self, unet_params=cast(self.unet_params), vae_params=cast(self.vae_params),
-                                   text_params=cast(self.text_params), notes=list(self.notes))
+                                   text_params=cast(self.text_params), text2_params=text2, notes=list(self.notes))
 
 
 def count_params(params) -> int:

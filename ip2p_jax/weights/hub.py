@@ -7,15 +7,16 @@ import re
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from ip2p_jax.weights.components import SPECS
+from ip2p_jax.weights.components import ALL_SPECS, SDXL_SPECS
 from ip2p_jax.weights.io import find_weights
 from ip2p_jax.weights.naming import WeightsError
 
 # Stable Diffusion 1.x single files carry no tokenizer; theirs is CLIP ViT-L/14's.
 SD_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-_WEIGHTS = tuple((s.folder, s.weights_stem, s.pickle_stem) for s in SPECS.values())
+_WEIGHTS = tuple((s.folder, s.weights_stem, s.pickle_stem) for s in ALL_SPECS.values())
 _META = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+         "text_encoder_2/config.json", "tokenizer_2/*",
          "tokenizer/*", "scheduler/*"]
 
 
@@ -52,9 +53,11 @@ def snapshot(repo_id: str, allow_patterns: list[str], what: str, revision: str |
 
 def download_pipeline(repo_id: str, variant: str | None = None, revision: str | None = None) -> str:
     """The local snapshot folder of a diffusers pipeline repo: configs, tokenizer, scheduler and the
-    UNet / VAE / text encoder weights (safetensors, else .bin); nothing else (no safety checker)."""
+    UNet / VAE / text encoder(s) weights (safetensors, else .bin); nothing else (no safety checker)."""
     folder = snapshot(repo_id, _META + weight_patterns("safetensors", variant), repo_id, revision)
     for comp, stem, pickle_stem in _WEIGHTS:
+        if comp in SDXL_SPECS and not os.path.isfile(os.path.join(folder, comp, "config.json")):
+            continue   # not an SDXL repo
         try:
             find_weights(os.path.join(folder, comp), stem, variant, pickle_stem)
         except WeightsError:  # an older repo with only pickles

@@ -1,7 +1,10 @@
 """Single-file checkpoints in the original latent-diffusion layout (`.ckpt` / `.safetensors`):
 `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*`
-(CLIP text encoder), optionally `model_ema.*` (the UNet's EMA weights, e.g. the authors'
-instruct-pix2pix-00-22000.ckpt).
+(CLIP text encoder; Stable Diffusion 2.x: `cond_stage_model.model.*`, an OpenCLIP text encoder),
+optionally `model_ema.*` (the UNet's EMA weights, e.g. the authors' instruct-pix2pix-00-22000.ckpt).
+SDXL files hold `conditioner.embedders.0.transformer.*` (CLIP ViT-L) and
+`conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG with its projection) instead; they need
+`config=` an SDXL diffusers folder.
 
 Reading reuses diffusers' own key converters (diffusers.loaders.single_file_utils; that module
 imports torch, so single files need ip2p_jax[torch]). Writing (`save_single_file`) inverts them:
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -20,8 +24,9 @@ import numpy as np
 from ip2p_jax import dtypes
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import TokenizerError, load_tokenizer
-from ip2p_jax.weights.components import SPECS, Components
-from ip2p_jax.weights.diffusers_folder import config_dict, params_to_state, state_to_params
+from ip2p_jax.weights.components import ALL_SPECS, SDXL_SPECS, SPECS, Components
+from ip2p_jax.weights.diffusers_folder import (SDXL_PIPELINE_DEFAULTS, check_text_conditioning, config_dict,
+                                               params_to_state, state_to_params)
 from ip2p_jax.weights.hub import SD_TOKENIZER_REPO, download_tokenizer
 from ip2p_jax.weights.io import read_json, read_state_dict, require_torch, write_safetensors
 from ip2p_jax.weights.naming import WeightsError
@@ -29,6 +34,9 @@ from ip2p_jax.weights.naming import WeightsError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."   # Stable Diffusion 2.x's OpenCLIP ViT-H text encoder
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."   # SDXL: CLIP ViT-L (text_encoder)
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."    # SDXL: OpenCLIP ViT-bigG (text_encoder_2)
 EMA_PREFIX = "model_ema."
 EMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")
 
@@ -95,8 +103,11 @@ def select_unet_weights(ckpt: Mapping[str, Any], prefer_ema: bool, source: str) 
 
 
 def ldm_to_diffusers(ckpt: Mapping[str, Any], unet_config: Mapping, vae_config: Mapping, *,
-                     prefer_ema: bool = True, source: str = "checkpoint") -> tuple[dict, str]:
-    """{'unet' | 'vae' | 'text_encoder': diffusers/transformers-named state} via diffusers' converters."""
+                     prefer_ema: bool = True, source: str = "checkpoint",
+                     text_config: Mapping | None = None, text2_config: Mapping | None = None) -> tuple[dict, str]:
+    """{'unet' | 'vae' | 'text_encoder' (| 'text_encoder_2'): diffusers/transformers-named state} via
+    diffusers' converters. An OpenCLIP text encoder (SD 2.x) needs `text_config` (its transformers
+    CLIPTextConfig dict); an SDXL file's second encoder needs `text2_config`."""
     sfu = _converters(source)
     unet, note = select_unet_weights(ckpt, prefer_ema, source)
     states = {
@@ -110,12 +121,52 @@ def ldm_to_diffusers(ckpt: Mapping[str, Any], unet_config: Mapping, vae_config: 
     states = {name: {k: v for k, v in st.items() if v is not None} for name, st in states.items()}
     if not states["vae"]:
         raise WeightsError(f"{source}: no VAE weights ({VAE_PREFIX}*)")
+    if not states["text_encoder"] and any(k.startswith(OPEN_CLIP_PREFIX) for k in ckpt):
+        states["text_encoder"], clip_note = open_clip_to_transformers(sfu, ckpt, text_config or {}, source)
+        note = f"{note}; {clip_note}"
+    if is_sdxl_file(ckpt):
+        if text2_config is None:
+            raise WeightsError(f"{source}: an SDXL checkpoint ({SDXL_OPEN_CLIP_PREFIX}*): pass config=<an SDXL "
+                               "diffusers folder of the same model> (--config FOLDER)")
+        states["text_encoder_2"], _ = open_clip_to_transformers(sfu, ckpt, text2_config, source,
+                                                                prefix=SDXL_OPEN_CLIP_PREFIX, projection=True)
     if not states["text_encoder"]:
-        open_clip = any(k.startswith("cond_stage_model.model.") for k in ckpt)
-        raise WeightsError(f"{source}: no CLIP text encoder weights ({TEXT_PREFIX}*)" + (
-            "; it holds an OpenCLIP text encoder (Stable Diffusion 2.x), which ip2p_jax does not support"
-            if open_clip else ""))
+        raise WeightsError(f"{source}: no CLIP text encoder weights ({TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
     return states, note
+
+
+def is_sdxl_file(ckpt: Mapping[str, Any]) -> bool:
+    return any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in ckpt)
+
+
+def open_clip_to_transformers(sfu, ckpt: Mapping[str, Any], text_config: Mapping, source: str, *,
+                              prefix: str = OPEN_CLIP_PREFIX, projection: bool = False) -> tuple[dict, str]:
+    """An OpenCLIP text encoder (SD 2.x: `cond_stage_model.model.*`) -> transformers CLIPTextModel
+    names (projection=True: CLIPTextModelWithProjection's, SDXL's second encoder), by diffusers'
+    convert_open_clip_checkpoint (q/k/v split from in_proj at the hidden size). SD 2.x conditions
+    on the penultimate OpenCLIP layer, so its text_encoder config has one layer fewer than the
+    file: layers from num_hidden_layers on (and without projection the text_projection) are dropped."""
+    import torch  # optional heavy dependency, present: the converters need it
+
+    hidden = int(text_config.get("hidden_size") or np.shape(ckpt[prefix + "token_embedding.weight"])[1])
+    layers = text_config.get("num_hidden_layers")
+    sub = {k: torch.as_tensor(np.asarray(v)) for k, v in ckpt.items() if k.startswith(prefix)}
+    state = sfu.convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=hidden)), sub,
+                                             prefix=prefix)
+    out, dropped = {}, set()
+    for key, value in state.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", key)
+        if (key.startswith("text_projection") and not projection) or (
+                m and layers is not None and int(m.group(1)) >= layers):
+            dropped.add(m.group(1) if m else "text_projection")
+            continue
+        out[key] = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    note = "text encoder: OpenCLIP (SD 2.x) converted"
+    if dropped:
+        note += f" (not used: {', '.join(sorted(f'layer {d}' if d.isdigit() else d for d in dropped))})"
+    if not out:
+        raise WeightsError(f"{source}: no OpenCLIP text encoder weights under {prefix}")
+    return out, note
 
 
 def _configs(config, ckpt: Mapping[str, Any], source: str) -> tuple[dict, dict, Any, Any]:
@@ -123,7 +174,8 @@ def _configs(config, ckpt: Mapping[str, Any], source: str) -> tuple[dict, dict, 
     None (SD 1.5 with in_channels from the file), a model folder, or {'unet'|'vae'|'text_encoder': dict}."""
     if isinstance(config, (str, os.PathLike)):
         folder = os.fspath(config)
-        dicts = {name: read_json(os.path.join(folder, SPECS[name].folder, "config.json")) for name in SPECS}
+        parts = list(ALL_SPECS) if is_sdxl_file(ckpt) else list(SPECS)
+        dicts = {name: read_json(os.path.join(folder, ALL_SPECS[name].folder, "config.json")) for name in parts}
         sched = os.path.join(folder, "scheduler", "scheduler_config.json")
         return dicts, [f"configs: {folder}"], folder, read_json(sched) if os.path.isfile(sched) else None
     given = dict(config or {})
@@ -176,18 +228,25 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
     """
     path = os.fspath(path)
     ckpt = read_state_dict(path, trust_pickle=trust_pickle)
+    sdxl = is_sdxl_file(ckpt)
+    if sdxl and not isinstance(config, (str, os.PathLike)):
+        raise WeightsError(f"{path}: an SDXL checkpoint ({SDXL_OPEN_CLIP_PREFIX}*): pass config=<an SDXL diffusers "
+                           "folder of the same model> (--config FOLDER); its configs and tokenizers apply")
     dicts, notes, tok_folder, sched = _configs(config, ckpt, path)
     configs = {}
-    for name in SPECS:
-        source = (os.path.join(os.fspath(config), SPECS[name].folder, "config.json")
+    for name in dicts:
+        source = (os.path.join(os.fspath(config), ALL_SPECS[name].folder, "config.json")
                   if isinstance(config, (str, os.PathLike)) else f"{path} ({name} config)")
-        configs[name] = SPECS[name].config_from_dict(dicts[name], source=source)
-    ref_dicts = {name: config_dict(name, configs[name]) for name in SPECS}
-    states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path)
+        configs[name] = ALL_SPECS[name].config_from_dict(dicts[name], source=source)
+    ref_dicts = {name: config_dict(name, c) for name, c in configs.items()}
+    states, ema_note = ldm_to_diffusers(ckpt, ref_dicts["unet"], ref_dicts["vae"], prefer_ema=prefer_ema, source=path,
+                                        text_config=ref_dicts["text_encoder"],
+                                        text2_config=ref_dicts.get("text_encoder_2"))
     del ckpt
     tokenizer = _tokenizer(tokenizer, tok_folder)   # before the long part, so a missing one fails fast
+    tokenizer_2 = _tokenizer(os.path.join(tok_folder, "tokenizer_2"), None) if sdxl else None
     params = {}
-    for name in progress_bar(list(SPECS), desc=f"converting {os.path.basename(path)}", unit="part",
+    for name in progress_bar(list(configs), desc=f"converting {os.path.basename(path)}", unit="part",
                              enabled=progress, leave=False):
         try:
             params[name] = state_to_params(states.pop(name), name, configs[name], dtype=dtype,
@@ -197,11 +256,20 @@ def load_single_file(path: str, config=None, prefer_ema: bool = True, *, dtype=n
                     "\n  (the file does not fit Stable Diffusion 1.5's networks: pass its configs, e.g. "
                     "config=<a diffusers folder of the same model> / --config FOLDER)")
             raise WeightsError(f"{e}{hint}") from None
-    return Components(unet_config=configs["unet"], unet_params=params["unet"],
-                      vae_config=configs["vae"], vae_params=params["vae"],
-                      text_config=configs["text_encoder"], text_params=params["text_encoder"],
-                      tokenizer=tokenizer, scheduler_config=dict(sched or DEFAULT_SCHEDULER),
-                      source=path, notes=[ema_note] + notes)
+    pipeline_config = {}
+    if sdxl:
+        index_path = os.path.join(os.fspath(config), "model_index.json")
+        index = read_json(index_path) if os.path.isfile(index_path) else {}
+        pipeline_config = {k: index.get(k, v) for k, v in SDXL_PIPELINE_DEFAULTS.items()}
+    components = Components(unet_config=configs["unet"], unet_params=params["unet"],
+                            vae_config=configs["vae"], vae_params=params["vae"],
+                            text_config=configs["text_encoder"], text_params=params["text_encoder"],
+                            tokenizer=tokenizer, scheduler_config=dict(sched or DEFAULT_SCHEDULER),
+                            source=path, notes=[ema_note] + notes, text2_config=configs.get("text_encoder_2"),
+                            text2_params=params.get("text_encoder_2"), tokenizer_2=tokenizer_2,
+                            pipeline_config=pipeline_config)
+    check_text_conditioning(components, os.fspath(config) if isinstance(config, (str, os.PathLike)) else path)
+    return components
 
 
 # ----------------------------------------------------------------------------- writing
@@ -219,7 +287,10 @@ def _first(rest: str, table: Mapping[str, str]) -> str:
 
 
 def _unet_ldm_guess(config: Mapping) -> Callable[[str], str]:
-    fixed = dict(_converters("UNet export").DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    mapping = _converters("UNet export").DIFFUSERS_TO_LDM_MAPPING["unet"]
+    fixed = dict(mapping["layers"])
+    if config.get("addition_embed_type") == "text_time":   # SDXL's add_embedding is label_emb
+        fixed.update(mapping["addition_embed_type"])
     per = int(config["layers_per_block"]) + 1                      # LDM blocks per diffusers block
     attn_up = {i for i, t in enumerate(config["up_block_types"]) if t.startswith("CrossAttn")}
 
@@ -291,11 +362,12 @@ def inverse_names(keys: list[str], guess: Callable[[str], str], convert: Callabl
     return table
 
 
-def original_names(name: str, keys: list[str], config: Mapping) -> dict[str, str]:
+def original_names(name: str, keys: list[str], config: Mapping, sdxl: bool = False) -> dict[str, str]:
     """{diffusers / transformers name: original single-file name} for network `name` with the
-    reference config dict `config`."""
+    reference config dict `config` (sdxl: in an SDXL file; text_encoder_2 is written by
+    transformers_to_open_clip)."""
     if name == "text_encoder":
-        return {k: TEXT_PREFIX + k for k in keys}
+        return {k: (SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX) + k for k in keys}
     sfu = _converters("single-file export")
     if name == "unet":
         return inverse_names(keys, _unet_ldm_guess(config), lambda p: sfu.convert_ldm_unet_checkpoint(p, config),
@@ -309,12 +381,50 @@ def diffusers_to_ldm(components: Components) -> dict[str, np.ndarray]:
     out = {}
     for name, config in components.configs().items():
         state = params_to_state(components.params()[name], name)
-        names = original_names(name, list(state), config_dict(name, config))
+        if name in SDXL_SPECS:
+            out.update(transformers_to_open_clip(state, config.hidden_size, SDXL_OPEN_CLIP_PREFIX))
+            continue
+        names = original_names(name, list(state), config_dict(name, config), sdxl=components.is_sdxl)
         for k, v in state.items():
             # the original VAE attention projections are 1x1 convs
             if v.ndim == 2 and re.search(r"\.attn_\d+\.(q|k|v|proj_out)\.weight$", names[k]):
                 v = v[:, :, None, None]
             out[names[k]] = v
+    return out
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def transformers_to_open_clip(state: Mapping[str, np.ndarray], hidden: int, prefix: str) -> dict[str, np.ndarray]:
+    """transformers CLIPTextModel(WithProjection) names -> OpenCLIP's original ones (q/k/v joined into
+    in_proj, text_projection transposed); checked by running diffusers' convert_open_clip_checkpoint
+    back, so the table is the converter's inverse."""
+    out = {}
+    fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
+    for key, value in state.items():
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in fixed:
+            out[prefix + fixed[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = np.ascontiguousarray(np.asarray(value).T)
+        elif m and m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if m.group(2) == "self_attn.q_proj":
+                base = f"text_model.encoder.layers.{m.group(1)}.self_attn."
+                out[f"{prefix}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}"] = np.concatenate(
+                    [state[f"{base}{p}_proj.{m.group(3)}"] for p in "qkv"])
+        elif m and m.group(2) in _OPEN_CLIP_LAYER:
+            out[f"{prefix}transformer.resblocks.{m.group(1)}.{_OPEN_CLIP_LAYER[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            raise WeightsError(f"cannot write {key} in OpenCLIP's layout")
+    back, _ = open_clip_to_transformers(_converters("single-file export"), out, {"hidden_size": hidden},
+                                        "single-file export", prefix=prefix, projection=True)
+    if set(back) != set(state) or any(not np.array_equal(back[k], state[k]) for k in state):
+        raise WeightsError("cannot write the OpenCLIP text encoder: diffusers' converter does not read it back")
     return out
 
 
