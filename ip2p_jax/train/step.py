@@ -27,12 +27,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ip2p_jax.diffusion.schedules import add_noise
+from ip2p_jax.diffusion.schedules import PREDICTION_TYPES, add_noise
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.dropout import conditioning_dropout
 from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class StepConfigError(Ip2pError):
