@@ -244,14 +244,18 @@ def _edit_both(path, ref_scheduler, **ours):
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
 def test_v_prediction_sd_edit_equals_diffusers(tmp_path_factory, sampler):
     path = _folder_with_scheduler(tmp_path_factory, f"v_{sampler}", _v_scheduler(sampler))
-    pipe, got, want, image, _ = _edit_both(path, None, sampler=sampler, schedule="diffusers")
+    pipe, got, want, image, latents = _edit_both(path, None, sampler=sampler, schedule="diffusers")
     assert pipe.training_schedule.prediction_type == "v_prediction"
     mx, mean = fx.max_mean_abs(got.arrays[0], want)
     assert mx < 1e-2 and mean < 1e-3, (sampler, mx, mean)
     assert np.abs(got.arrays[0] - np.asarray(image) / 255.0).mean() > 0.02
-    # negative control: diffusers reading the same network as an epsilon model gives another edit
-    _, _, eps_want, _, _ = _edit_both(path, _v_scheduler(sampler, "epsilon"), sampler=sampler, schedule="diffusers")
-    assert fx.max_mean_abs(got.arrays[0], eps_want)[1] > 10 * 1e-3
+    # negative control: the same network read as an epsilon model (the original folder) misses clearly
+    from ip2p_jax.pipeline import EditPipeline
+
+    eps_pipe = EditPipeline.from_pretrained(fx.tiny_model_dir(tmp_path_factory), dtype="fp32")
+    eps_got = eps_pipe.edit(image, fx.INSTRUCTION, steps=fx.STEPS, sampler=sampler, schedule="diffusers",
+                            latents=latents, resize="keep", batch_size=fx.BATCH, progress=False)
+    assert fx.max_mean_abs(eps_got.arrays[0], want)[1] > 10 * 1e-3
 
 
 @pytest.mark.parametrize("schedule", ["exponential", "karras"])
@@ -271,3 +275,24 @@ def test_cosxl_style_sd_edit_picks_edm_euler_and_equals_diffusers(tmp_path_facto
     # a DDPM-only sampler on this EDM model is refused, naming the folder
     with pytest.raises(S.ScheduleError, match=f"{path}: euler_a needs a model trained on DDPM betas"):
         pipe.edit(image, fx.INSTRUCTION, steps=fx.STEPS, sampler="euler_a", progress=False)
+
+
+def test_cli_edits_an_edm_model_with_edm_euler_and_refuses_ddpm_samplers(tmp_path_factory, tmp_path, capsys):
+    from ip2p_jax import cli
+
+    sched = EDMEulerScheduler(**COSXL, sigma_schedule="exponential", prediction_type="v_prediction")
+    path = _folder_with_scheduler(tmp_path_factory, "edm_cli", sched)
+    image = tmp_path / "in.png"
+    fx.sample_images(1)[0].save(image)
+    common = ["edit", "--model", path, "--image", str(image), "--instruction", fx.INSTRUCTION, "--steps",
+              str(fx.STEPS), "--resize", "keep", "--batch-size", str(fx.BATCH), "--seed", "3"]
+    assert cli.main(common + ["--out", str(tmp_path / "ok")]) == 0
+    sidecars = list((tmp_path / "ok").glob("*.json"))
+    assert len(sidecars) == 1
+    settings = json.loads(sidecars[0].read_text())
+    assert settings["sampler"] == "edm_euler" and settings["schedule"] == "exponential"
+    capsys.readouterr()
+    assert cli.main(common + ["--out", str(tmp_path / "bad"), "--sampler", "ddim"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: ddim needs a model trained on DDPM betas" in err and "use edm_euler" in err
+    assert not (tmp_path / "bad").exists()
