@@ -243,7 +243,8 @@ class EditPipeline:
         plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
         resolution = self.native_resolution if resolution is None else resolution
         jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
-                          sampler=sampler, schedule=schedule or samplers.default_schedule(sampler, self.training_schedule), seed=seed,
+                          sampler=sampler, seed=seed,
+                          schedule=schedule or samplers.default_schedule(sampler, self.training_schedule),
                           num_samples=num_samples, resolution=resolution, resize=resize,
                           randomize_scales=randomize_scales, names=names, max_pixels=max_pixels,
                           max_edit_pixels=max_edit_pixels)

@@ -109,7 +109,8 @@ def test_edm_euler_loop_equals_diffusers(prediction, schedule, mode):
     plan = D.make_plan("edm_euler", steps, training=edm)
     assert rel_err(run(plan, x, mode), want) <= EDM_RTOL
     # negative controls: the other prediction type, and timesteps off by 0.05, miss by far more
-    flipped = S.EDMSchedule(**{**edm.__dict__, "prediction_type": "epsilon" if prediction != "epsilon" else "v_prediction"})
+    other_type = "epsilon" if prediction != "epsilon" else "v_prediction"
+    flipped = S.EDMSchedule(**{**edm.__dict__, "prediction_type": other_type})
     assert rel_err(run(D.make_plan("edm_euler", steps, training=flipped), x, mode), want) > 1e-2
     assert rel_err(run(plan.replace(timesteps=plan.timesteps + 0.05), x, mode), want) > 50 * EDM_RTOL
 

@@ -2,12 +2,12 @@
 
     plan = make_plan("euler_a", steps=20)                    # host, numpy; once per setting
     x0 = sample(eps_fn, noise, plan, keys)                   # inside jit; lax.fori_loop
-    x0 = sample(eps_fn, noise, generic_plan(plan), keys)     # or: one compile for all four samplers
+    x0 = sample(eps_fn, noise, generic_plan(plan), keys)     # or: one compile for every sampler
 
 `sample` is the package's one sampling loop: the edit pipeline and the pair stage both run it.
-`eps_fn(model_input, timestep, i) -> output` (the model's eps, or v for v-prediction models) sees the noisy latents already scaled for the model,
-a scalar float32 UNet timestep and the int32 step index i (the pair stage's prompt-to-prompt
-schedule needs it; most eps functions ignore it). `noise` is standard normal: the sampler multiplies it by
+`eps_fn(model_input, timestep, i) -> output` (the model's eps, or v for v-prediction models)
+sees the noisy latents already scaled for the model, a scalar float32 UNet timestep and the int32
+step index i (the pair stage's prompt-to-prompt schedule needs it; most eps functions ignore it). `noise` is standard normal: the sampler multiplies it by
 its initial noise scale (diffusers' `latents * init_noise_sigma`). `keys` holds one PRNG key
 per example: ancestral noise of example b at step i is normal(fold_in(keys[b], i)), so an
 example's result never depends on the rest of the batch.
@@ -40,7 +40,7 @@ ANY = "any"   # generic_plan's sampler name: the coefficients say which sampler 
 SIGMA_SCHEDULES = ("kdiffusion", "diffusers", "karras")
 EDM_SCHEDULES = sch.EDM_SIGMA_SCHEDULES
 DEFAULT_SCHEDULE = {"euler_a": "kdiffusion", "euler": "kdiffusion", "dpmpp_2m": "diffusers", "ddim": "diffusers",
-                    "edm_euler": sch.COSXL.sigma_schedule}   # edm_euler: the model's sigma_schedule, see default_schedule
+                    "edm_euler": sch.COSXL.sigma_schedule}   # edm_euler: the model's own (default_schedule)
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (model_input, timestep, step index) -> output
 NoiseSchedule = TrainingSchedule | EDMSchedule
