@@ -105,3 +105,21 @@ def test_plain_parquet_datasets_have_no_session_features(tmp_path):
     dh.write_parquet(str(tmp_path / "p"), n_files=1, rows=6)
     B.build_dataset("parquet", str(tmp_path / "p"), str(tmp_path / "d"), workers=1, progress=False)
     assert "turn_index" not in B.open_dataset(str(tmp_path / "d"), "parquet").info.features
+
+
+def test_magicbrush_beam_build_equals_plain(tmp_path):
+    pytest.importorskip("apache_beam")
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.parquet", rows(SESSIONS, True))
+    plain = B.build_dataset("magicbrush", str(src), str(tmp_path / "plain"), workers=1, progress=False)
+    beam = B.build_dataset("magicbrush", str(src), str(tmp_path / "beam"), progress=False, beam=True,
+                           beam_pipeline_options="runner=DirectRunner")
+    assert beam.examples == plain.examples
+    a, b = B.open_dataset(str(tmp_path / "plain"), "magicbrush"), B.open_dataset(str(tmp_path / "beam"), "magicbrush")
+    for split in a.info.splits:
+        ra, rb = B.encoded_source(a, split), B.encoded_source(b, split)
+        assert len(ra) == len(rb)
+        for i in range(len(ra)):
+            assert {k: ra[i][k] for k in ("id", "turn_index", "mask_image", "edited_image")} == \
+                   {k: rb[i][k] for k in ("id", "turn_index", "mask_image", "edited_image")}
