@@ -123,3 +123,21 @@ def test_magicbrush_beam_build_equals_plain(tmp_path):
         for i in range(len(ra)):
             assert {k: ra[i][k] for k in ("id", "turn_index", "mask_image", "edited_image")} == \
                    {k: rb[i][k] for k in ("id", "turn_index", "mask_image", "edited_image")}
+
+
+def test_magicbrush_dataset_feeds_the_training_pipeline(tmp_path):
+    """What the finetune preset trains on: batches of source/target turns (the extra features are ignored)."""
+    import tiny
+    from ip2p_jax.data.augment import AugmentConfig
+    from ip2p_jax.data.pipeline import EditPairPipeline, PipelineConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.parquet", rows({str(i): 2 for i in range(500, 520)}, True))
+    B.build_dataset("magicbrush", str(src), str(tmp_path / "d"), workers=1, progress=False)
+    cfg = PipelineConfig(global_batch_size=4, augment=AugmentConfig(min_resize=32, max_resize=32, crop_size=32))
+    pipe = EditPairPipeline(B.open_dataset(str(tmp_path / "d"), "magicbrush"), tiny.tokenizer(str(tmp_path / "tok")),
+                            cfg, process_index=0, process_count=1)
+    batch = next(iter(pipe))
+    assert batch["input_image"].shape == batch["edited_image"].shape == (4, 32, 32, 3)
+    assert batch["input_ids"].shape == (4, 77)
