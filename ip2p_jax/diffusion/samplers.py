@@ -7,8 +7,9 @@
 `sample` is the package's one sampling loop: the edit pipeline and the pair stage both run it.
 `eps_fn(model_input, timestep, i) -> output` (the model's eps, or v for v-prediction models)
 sees the noisy latents already scaled for the model, a scalar float32 UNet timestep and the int32
-step index i (the pair stage's prompt-to-prompt schedule needs it; most eps functions ignore it). `noise` is standard normal: the sampler multiplies it by
-its initial noise scale (diffusers' `latents * init_noise_sigma`). `keys` holds one PRNG key
+step index i (the pair stage's prompt-to-prompt schedule needs it; most eps functions ignore it).
+`noise` is standard normal: the sampler multiplies it by its initial noise scale (diffusers'
+`latents * init_noise_sigma`). `keys` holds one PRNG key
 per example: ancestral noise of example b at step i is normal(fold_in(keys[b], i)), so an
 example's result never depends on the rest of the batch.
 
