@@ -196,8 +196,7 @@ def run(args) -> int:
     check_request(steps=steps, num_samples=args.num_samples, batch_size=args.batch_size,
                   text_scale=[args.text_scale, *(args.text_scales if args.grid else [])],
                   image_scale=[args.image_scale, *(args.image_scales if args.grid else [])])
-    if args.sampler is not None:
-        check_names(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
+    check_names(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
     files.check_output_dir(args.out)   # a file, read-only or full --out is refused before the model loads

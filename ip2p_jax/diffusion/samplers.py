@@ -115,6 +115,8 @@ def make_plan(sampler: str, steps: int, schedule: str | None = None, *,
       the chosen schedule's reference does ("ldm" precision for kdiffusion, else "diffusers").
     eta: ancestral noise amount for euler_a (k-diffusion's eta; 1 = diffusers).
     """
+    if sampler not in SAMPLERS:
+        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     check_names(sampler, steps, schedule)
     if sampler in EDM_SAMPLERS:
         edm = sch.COSXL if training is None else training
@@ -141,15 +143,17 @@ def make_plan(sampler: str, steps: int, schedule: str | None = None, *,
     return _sigma_plan(sampler, steps, schedule, ac, eta, sigma_min, sigma_max, training.prediction_type)
 
 
-def check_names(sampler: str, steps: int, schedule: str | None = None) -> None:
-    """ScheduleError unless `sampler`, `steps` and `schedule` are valid names and values (any model)."""
-    if sampler not in SAMPLERS:
+def check_names(sampler: str | None, steps: int, schedule: str | None = None) -> None:
+    """ScheduleError unless `sampler`, `steps` and `schedule` are valid names and values (any model;
+    sampler None: the model's default, so any sampler's schedule name is valid)."""
+    if sampler is not None and sampler not in SAMPLERS:
         raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ScheduleError(f"{sampler}: steps must be a positive integer, got {steps!r}")
-    allowed = ("diffusers",) if sampler == "ddim" else EDM_SCHEDULES if sampler in EDM_SAMPLERS else SIGMA_SCHEDULES
+        raise ScheduleError(f"{sampler or 'sampler'}: steps must be a positive integer, got {steps!r}")
+    allowed = (SIGMA_SCHEDULES + EDM_SCHEDULES if sampler is None else ("diffusers",) if sampler == "ddim"
+               else EDM_SCHEDULES if sampler in EDM_SAMPLERS else SIGMA_SCHEDULES)
     if schedule is not None and schedule not in allowed:
-        raise ScheduleError(f"{sampler}: schedule {schedule!r} is not one of {allowed}")
+        raise ScheduleError(f"{sampler or 'sampler'}: schedule {schedule!r} is not one of {allowed}")
 
 
 def default_sampler(training: NoiseSchedule | None = None) -> str:
