@@ -7,6 +7,12 @@ Presets:
           dropout 0.05, 10k steps, checkpoint every 1000, sample edits every 2000.
             ip2p train --config configs/train.py:sd15 --workdir runs/ip2p \
               --config.model.init=/models/stable-diffusion-v1-5 --config.data.path=/data/tfds
+  finetune  continue an InstructPix2Pix editor (8-channel UNet kept as it is; no 4->8 surgery; the
+          EMA restarts from the loaded weights) on new triples, e.g. MagicBrush (built with
+          scripts/build_tfds.py --format magicbrush): MagicBrush's finetune.yaml settings: lr 5e-5
+          after 1000 warm-up steps, 256^2, flips, EMA 0.9999, conditioning dropout 0.05.
+            ip2p train --config configs/train.py:finetune --workdir runs/magicbrush \
+              --config.model.init=timbrooks/instruct-pix2pix --config.data.path=/data/tfds
   tiny    a small UNet from scratch on synthetic pairs; seconds on CPU (tokenizes with the demo
           model's shipped tokenizer; --config.model.tokenizer=DIR for another).
   shapes  a small UNet from scratch on the synthetic shapes dataset (TFDS, built by the datagen
@@ -57,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.model = m = ml_collections.ConfigDict()
     m.init = ""               # SD (4-ch) or InstructPix2Pix (8-ch) model: folder, single file or hub id; "" = scratch
+    m.init_must_be_editor = False  # refuse an init whose UNet is not already an 8-channel editor (finetune)
     m.frozen_from = ""        # VAE / text encoder / tokenizer / scheduler source when init == ""
     m.tokenizer = ""          # tokenizer folder when both are "" (random VAE / text encoder from the dicts below)
     m.unet = tiny_unet()      # diffusers UNet config (scratch only)
@@ -139,6 +146,22 @@ def sd15(c: ml_collections.ConfigDict) -> None:
     c.log.sample_every_steps = 2000
 
 
+def finetune(c: ml_collections.ConfigDict) -> None:
+    """Fine-tune a released editor (MagicBrush's recipe, its finetune.yaml: base lr 5e-5, LambdaLinear
+    warm-up over 1000 steps, batch 16 per GPU, 256^2 crops, flip 0.5, EMA loaded and kept)."""
+    c.model.init = "timbrooks/instruct-pix2pix"
+    c.model.init_must_be_editor = True
+    c.model.remat = "full"
+    c.optim.learning_rate = 5e-5
+    c.optim.warmup_steps = 1000
+    c.train.batch_size = 32
+    c.train.num_steps = 5_000
+    c.data.source = "tfds"
+    c.data.name = "magicbrush"
+    c.checkpoint.every_steps = 500
+    c.log.sample_every_steps = 1000
+
+
 def tiny(c: ml_collections.ConfigDict) -> None:
     c.model.tokenizer = os.path.join(DEMO_MODEL_DIR, "tokenizer")   # shipped with the package
     c.model.compute_dtype = "float32"
@@ -197,7 +220,7 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.export.at_end = False   # the demo's assemble stage writes the model (with the workdir's VAE)
 
 
-PRESETS = {"sd15": sd15, "tiny": tiny, "shapes": shapes, "demo": demo}
+PRESETS = {"sd15": sd15, "finetune": finetune, "tiny": tiny, "shapes": shapes, "demo": demo}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -304,7 +304,7 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
         with gr.Row():
             steps = gr.Dropdown(list(limits.steps), value=steps_default, label="Steps")
             resolution = gr.Dropdown(list(limits.resolutions), value=pipe.native_resolution, label="Resolution")
-            sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")
+            sampler = gr.Dropdown(list(SAMPLERS), value=pipe.default_sampler, label="Sampler")
             seed = gr.Number(value=1371, precision=0, label="Seed")
             randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
         return steps, resolution, sampler, seed, randomize_seed

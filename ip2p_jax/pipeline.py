@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from ip2p_jax import dtypes, masks, placement, sharding, turns as turnlib
 from ip2p_jax import images as imlib
 from ip2p_jax.diffusion import guidance, masking, samplers
-from ip2p_jax.diffusion.schedules import TrainingSchedule
+from ip2p_jax.diffusion.schedules import ScheduleError, noise_schedule_from_config
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import MAX_LENGTH
@@ -135,7 +135,9 @@ class EditPipeline:
         self.vae_scale = 2 ** (len(c.vae_config.block_out_channels) - 1)   # pixels per latent
         self.unet_config, self.vae_config, self.text_config = c.unet_config, c.vae_config, c.text_config
         self.scheduler_config = dict(c.scheduler_config or {})
-        self.training_schedule = TrainingSchedule.from_config(self.scheduler_config)
+        # DDPM betas (TrainingSchedule) or EDM sigmas (EDMSchedule: CosXL), with the prediction type
+        self.training_schedule = noise_schedule_from_config(self.scheduler_config,
+                                                            source=f"{self.source or 'model'}: scheduler config")
         self.is_sdxl = c.is_sdxl
         settings = dict(c.pipeline_config or {})
         self.force_zeros_for_empty_prompt = bool(settings.get("force_zeros_for_empty_prompt", True))
@@ -237,11 +239,23 @@ class EditPipeline:
         """An output's standard normal starting noise, from its seed alone (host numpy, PCG64)."""
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
-    def plan(self, sampler: str, steps: int, schedule: str | None = None) -> samplers.Plan:
-        """The sampler plan (schedule arrays) for this model's training betas. Only the betas come
-        from the model's scheduler config: step spacing is the sampler's own (e.g. DDIM always
-        uses SD's steps_offset=1), so a sampler means the same thing with every model folder."""
-        return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule)
+    @property
+    def default_sampler(self) -> str:
+        """The sampler edits use when none is given: euler_a, or edm_euler for an EDM model (CosXL)."""
+        return samplers.default_sampler(self.training_schedule)
+
+    def plan(self, sampler: str | None, steps: int, schedule: str | None = None) -> samplers.Plan:
+        """The sampler plan (schedule arrays) for this model's noise schedule (None: default_sampler).
+        Only the training betas (or EDM sigma settings) and the prediction type come from the
+        model's scheduler config: step spacing is the sampler's own (e.g. DDIM always uses SD's
+        steps_offset=1), so a sampler means the same thing with every model folder. DDPM samplers
+        refuse EDM models and edm_euler refuses DDPM ones (ScheduleError naming the model)."""
+        sampler = sampler or self.default_sampler
+        samplers.check_names(sampler, steps, schedule)
+        try:
+            return samplers.make_plan(sampler, steps, schedule, training=self.training_schedule)
+        except ScheduleError as e:
+            raise ScheduleError(f"{self.source or 'model'}: {e}") from None
 
     # ------------------------------------------------------------------ editing
 
@@ -251,8 +265,9 @@ class EditPipeline:
         images: one or a list of PIL images, arrays (HW / HWC; uint8, uint16 or float in [0, 1])
           or file paths. instructions: one string (for every image) or one per image; "" returns
           the resized input. A single image with several instructions edits it once per instruction.
-        steps, sampler ("euler_a", "euler", "ddim", "dpmpp_2m"), schedule (None: the sampler's
-          default; see ip2p_jax.diffusion.samplers.make_plan).
+        steps, sampler ("euler_a", "euler", "ddim", "dpmpp_2m"; "edm_euler" for EDM models such as
+          CosXL; None: default_sampler), schedule (None: the sampler's default; see
+          ip2p_jax.diffusion.samplers.make_plan).
         text_scale, image_scale: numbers or one per image (a guidance sweep is one call).
         randomize_scales: draw text scale in U[6, 9] and image scale in U[1.2, 1.8] per image.
         seed: None (random, reported), an int (output i gets seed + i) or one per image (sample k
@@ -275,7 +290,7 @@ class EditPipeline:
         return EditResult(outs)
 
     def iter_edit(self, images, instructions, *, steps: int = 100, text_scale=7.5, image_scale=1.5,
-                  sampler: str = "euler_a", schedule: str | None = None, seed=None, latents=None,
+                  sampler: str | None = None, schedule: str | None = None, seed=None, latents=None,
                   num_samples: int = 1, resolution: int | None = None, resize: str = "authors",
                   randomize_scales: bool = False, batch_size: int | None = None, names=None,
                   max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
@@ -284,10 +299,12 @@ class EditPipeline:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
         check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
                       image_scale=image_scale, guidance_rescale=guidance_rescale)
+        sampler = sampler or self.default_sampler
         plan = self.plan(sampler, steps, schedule)   # validates sampler / steps / schedule first
         resolution = self.native_resolution if resolution is None else resolution
         jobs = self._jobs(images, instructions, steps=steps, text_scale=text_scale, image_scale=image_scale,
-                          sampler=sampler, schedule=schedule or samplers.DEFAULT_SCHEDULE[sampler], seed=seed,
+                          sampler=sampler, seed=seed,
+                          schedule=schedule or samplers.default_schedule(sampler, self.training_schedule),
                           num_samples=num_samples, resolution=resolution, resize=resize,
                           randomize_scales=randomize_scales, names=names, max_pixels=max_pixels,
                           max_edit_pixels=max_edit_pixels, mask=mask, mask_blur=mask_blur,
@@ -460,7 +477,7 @@ class EditPipeline:
             return self._edit_jit
         return self._compiled_edit(branches, guidance_rescale, masked)
 
-    def export(self, *, batch: int, size, steps: int, sampler: str = "euler_a", schedule: str | None = None,
+    def export(self, *, batch: int, size, steps: int, sampler: str | None = None, schedule: str | None = None,
                platform: str | None = None):
         """The whole compiled edit (VAE encode, every sampler step, VAE decode; sharded over this
         pipeline's mesh) as a jax.export.Exported for `platform` ("cpu", "cuda", "tpu"; default the
@@ -507,7 +524,7 @@ class EditPipeline:
 
     def edit_local_batch(self, images: Sequence, instructions: Sequence[str], seeds: Sequence[int],
                          text_scales: Sequence[float], image_scales: Sequence[float], *, steps: int,
-                         sampler: str = "euler_a", schedule: str | None = None) -> np.ndarray:
+                         sampler: str | None = None, schedule: str | None = None) -> np.ndarray:
         """This process's rows of one global batch -> their edits, float32 (n, H, W, 3) in [0, 1].
 
         Collective: every process calls it at once with the same number of rows (a multiple of

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Build an edit-pair TFDS dataset (array_record, no TensorFlow needed) from one of three formats.
+"""Build an edit-pair TFDS dataset (array_record, no TensorFlow needed) from one of four formats.
 
   python scripts/build_tfds.py --format authors --source data/clip-filtered --data-dir ~/tfds --name clip_filtered
   python scripts/build_tfds.py --format parquet --source hf_parquet/ --data-dir ~/tfds --name hf
   python scripts/build_tfds.py --format jsonl   --source my_pairs.jsonl --data-dir ~/tfds --name mine
+  python scripts/build_tfds.py --format magicbrush --source MagicBrush/data --data-dir ~/tfds --name magicbrush
 
 Large sources: --beam builds the same dataset through an Apache Beam pipeline (pip install
 'ip2p_jax[beam]'), e.g. --beam --beam_pipeline_options "runner=DirectRunner,direct_num_workers=4,

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--image-scales", type=_scales, default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2],
                    help="comma-separated (default: 1.0,1.2,...,2.2)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="euler_a")
+    p.add_argument("--sampler", default=None, help="default: the model's (euler_a; edm_euler for EDM models)")
     p.add_argument("--seed", type=int, default=0, help="output i of every pair gets seed + i")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=None, help="edits per compiled call (pipeline default)")
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
 
         scorer = ClipScorer.from_pretrained(args.clip, batch_size=args.clip_batch_size)
         pipe = EditPipeline.from_pretrained(args.model, dtype=args.dtype)
+        args.sampler = args.sampler or pipe.default_sampler
         pipe.plan(args.sampler, args.steps)   # checks sampler and steps before any work
         out_dir = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(out_dir, exist_ok=True)

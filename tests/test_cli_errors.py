@@ -64,7 +64,7 @@ def test_a_bug_keeps_its_traceback(bug, monkeypatch, image, tmp_path, capsys):
     def broken(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(edit_cmd, "make_plan", broken)
+    monkeypatch.setattr(edit_cmd, "check_names", broken)
     with pytest.raises(type(bug)) as e:
         cli.main(_edit(image, tmp_path / "out", "--model", str(tmp_path)))
     assert e.value is bug and "error:" not in capsys.readouterr().err

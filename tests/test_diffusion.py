@@ -121,8 +121,10 @@ def test_training_alphas_cumprod_bit_equal_diffusers():
 def test_training_schedule_from_config():
     cfg = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1).config
     assert S.TrainingSchedule.from_config(dict(cfg)) == S.TrainingSchedule()
-    with pytest.raises(S.ScheduleError, match="prediction_type='v_prediction'"):
-        S.TrainingSchedule.from_config({**cfg, "prediction_type": "v_prediction"})
+    v = S.TrainingSchedule.from_config({**cfg, "prediction_type": "v_prediction"})   # SD 2.x-style
+    assert v == S.TrainingSchedule(prediction_type="v_prediction")
+    with pytest.raises(S.ScheduleError, match="prediction_type='sample'"):
+        S.TrainingSchedule.from_config({**cfg, "prediction_type": "sample"})
     with pytest.raises(S.ScheduleError, match="beta_schedule"):
         S.TrainingSchedule.from_config({**cfg, "beta_schedule": "squaredcos_cap_v2"})
 

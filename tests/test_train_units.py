@@ -267,3 +267,34 @@ def test_input_workers_default_follows_the_host(monkeypatch):
         monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert data.input_workers(-1) == want
     assert data.input_workers(3) == 3 and data.input_workers(0) == 0
+
+
+def test_finetune_preset_keeps_the_editor_as_it_is(sd_and_ip2p_folders):
+    """finetune from an 8-channel editor: conv_in (and every UNet leaf) bit-identical, the EMA starts
+    as the loaded weights; a 4-channel SD init is refused there (the sd15/tiny path still widens it)."""
+    import optax
+
+    from ip2p_jax.train.build import ModelBuildError, build
+    from ip2p_jax.train.state import create_train_state
+    from ip2p_jax.weights import load
+
+    sd_dir, ip2p_dir = sd_and_ip2p_folders
+    c = load_config(f"{CONFIG}:finetune")
+    assert (c.model.init, c.model.init_must_be_editor, c.optim.learning_rate, c.optim.warmup_steps,
+            c.data.resolution, c.data.name) == ("timbrooks/instruct-pix2pix", True, 5e-5, 1000, 256, "magicbrush")
+    c.model.init, c.model.compute_dtype = ip2p_dir, "float32"
+    built = build(c)
+    src = load(ip2p_dir)
+    assert built.unet_config.in_channels == 8
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(built.params["unet"]["conv_in"][name], src.unet_params["conv_in"][name])
+    state = create_train_state(built.params, optax.sgd(1e-3), 0)
+    for a, b in zip(jax.tree.leaves(state.ema_params["unet"]), jax.tree.leaves(src.unet_params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    c.model.init = sd_dir
+    with pytest.raises(ModelBuildError, match="not an InstructPix2Pix editor .* 4 input channels"):
+        build(c)
+    c.model.init_must_be_editor = False   # the paper's path: 4 -> 8 channels
+    widened = build(c)
+    assert widened.params["unet"]["conv_in"]["kernel"].shape[2] == 8
+    assert not np.any(widened.params["unet"]["conv_in"]["kernel"][:, :, 4:])

@@ -24,7 +24,7 @@ import jax
 from ip2p_jax import demo, edit_job, files, images, masks, sharding
 from ip2p_jax import turns as turnlib
 from ip2p_jax.commands import distributed
-from ip2p_jax.diffusion import make_plan
+from ip2p_jax.diffusion import check_names
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.pipeline import PER_DEVICE_BATCH, EditPipeline, check_request, output_seeds, random_scales
 from ip2p_jax.progress import progress
@@ -83,9 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--randomize-scales", action="store_true",
                    help="draw text scale from U[6, 9] and image scale from U[1.2, 1.8] per edit (as the authors' app)")
     p.add_argument("--seed", type=int, default=None, help="default: random (written to each sidecar)")
-    p.add_argument("--sampler", default="euler_a", help="euler_a (default), euler, ddim, dpmpp_2m")
+    p.add_argument("--sampler", default=None,
+                   help="euler_a (default), euler, ddim, dpmpp_2m; edm_euler (EDM models such as CosXL: their default)")
     p.add_argument("--schedule", default=None,
-                   help="kdiffusion (the authors'; default for euler/euler_a), diffusers, karras; ddim: diffusers only")
+                   help="kdiffusion (the authors'; default for euler/euler_a), diffusers, karras; ddim: diffusers "
+                        "only; edm_euler: karras or exponential (default: the model's)")
     p.add_argument("--resolution", type=int, default=None,
                    help="long side for --resize authors (default: the model's native size: 512 for SD 1.5, "
                         "64 for the demo model)")
@@ -219,7 +221,7 @@ def run(args) -> int:
                   text_scale=[args.text_scale, *(args.text_scales if args.grid else [])],
                   image_scale=[args.image_scale, *(args.image_scales if args.grid else [])],
                   guidance_rescale=args.guidance_rescale)
-    make_plan(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
+    check_names(args.sampler, steps, args.schedule)   # unknown sampler / schedule: usage error, now
     if args.grid and (not args.text_scales or not args.image_scales):
         raise EditUsageError("--grid needs at least one --text-scales and one --image-scales value")
     mask = masks.load_mask(args.mask) if args.mask else None   # a bad mask or script: before the model loads
@@ -238,6 +240,8 @@ def run(args) -> int:
     if args.compilation_cache is not None:
         sharding.enable_compilation_cache(args.compilation_cache or None)
     pipe = EditPipeline.from_pretrained(model, dtype=None if args.dtype == "auto" else args.dtype)
+    args.sampler = args.sampler or pipe.default_sampler
+    pipe.plan(args.sampler, steps, args.schedule)   # a sampler this model cannot use: refused before any work
     resolution = args.resolution if args.resolution is not None else pipe.native_resolution
     log.info("using %s (%s); %d steps%s", model,
              "no --model given: the demo model, which knows only the synthetic shapes world" if is_demo

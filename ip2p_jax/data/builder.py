@@ -48,6 +48,7 @@ DATASET = "edit_pairs"
 VERSION = "1.0.0"
 IMAGE_FEATURES = ("input_image", "edited_image")
 TEXT_FEATURES = ("instruction", "input_caption", "edited_caption", "id", "prompt_id")
+SESSION_FEATURES = ("turn_index", "mask_image")   # MagicBrush-layout datasets only (sessions of turns)
 MAX_KEPT_REJECTIONS = 10_000
 SHARD_BYTES = 1 << 30  # start a new array_record file past this size
 # one record per group (random access), no compression (the images already are)
@@ -58,9 +59,14 @@ class BuildError(Ip2pError):
     """The build cannot produce a dataset (empty source, strict-mode rejection, ...)."""
 
 
-def features() -> tfds.features.FeaturesDict:
+def features(sessions: bool = False) -> tfds.features.FeaturesDict:
+    """The dataset's features; `sessions` (MagicBrush layout) adds turn_index (int32) and
+    mask_image (the mask's encoded bytes as the source gives them, b"" for none)."""
     # Images stay as the encoded bytes of the source (tfds.features.Image stores given bytes as-is).
+    extra = {"turn_index": tfds.features.Scalar(np.int32),
+             "mask_image": tfds.features.Tensor(shape=(), dtype=np.object_)} if sessions else {}
     return tfds.features.FeaturesDict({
+        **extra,
         "input_image": tfds.features.Image(shape=(None, None, 3)),
         "edited_image": tfds.features.Image(shape=(None, None, 3)),
         "instruction": tfds.features.Text(),
@@ -230,7 +236,8 @@ class EditPairs(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description=self.__doc__, features=features(), disable_shuffling=True,
+            builder=self, description=self.__doc__, disable_shuffling=True,
+            features=features(sessions=getattr(self._source, "format", None) == "magicbrush"),
             homepage="https://github.com/timothybrooks/instruct-pix2pix")
 
     def rejections_path(self) -> str:

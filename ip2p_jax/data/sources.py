@@ -1,4 +1,4 @@
-"""Readers for the three on-disk edit-pair formats, streaming one pair at a time.
+"""Readers for the on-disk edit-pair formats (authors', parquet, jsonl, MagicBrush), one pair at a time.
 
 Each source has two passes:
   `plan()`  cheap (text only): yields the prompt id of every candidate pair, to size the splits;
@@ -61,6 +61,8 @@ class Pair:
     edited_image: bytes | str
     input_caption: str = ""
     edited_caption: str = ""
+    turn_index: int | None = None            # MagicBrush: the turn of its editing session (1, 2, ...)
+    mask_image: bytes | str | None = None    # MagicBrush: the annotated edit region (encoded, as given)
 
 
 def prompt_hash(prompt_id: str) -> int:
@@ -125,6 +127,10 @@ def load_pair(pair: Pair) -> dict:
     """The example dict stored in the dataset (images read and checked), or raise Reject."""
     if not pair.instruction.strip():
         raise Reject("empty instruction")
+    extra = {}
+    if pair.turn_index is not None:   # MagicBrush: turn and mask kept as features
+        extra = {"turn_index": int(pair.turn_index),
+                 "mask_image": b"" if pair.mask_image is None else read_image(pair.mask_image, "mask image")}
     return {
         "id": pair.id,
         "prompt_id": pair.prompt_id,
@@ -133,6 +139,7 @@ def load_pair(pair: Pair) -> dict:
         "edited_caption": pair.edited_caption,
         "input_image": read_image(pair.input_image, "input image"),
         "edited_image": read_image(pair.edited_image, "edited image"),
+        **extra,
     }
 
 
@@ -265,6 +272,10 @@ class ParquetSource:
 
     format = "parquet"
     batch_rows = 64
+    columns = PARQUET_COLUMNS      # our field <- accepted column names
+    required = PARQUET_REQUIRED
+    plan_fields = TEXT_FIELDS      # what plan() reads to compute the prompt id
+    expected = "original_image/input_image, edit_prompt, edited_image"
 
     def __init__(self, path: str):
         self.root = os.fspath(path)
@@ -280,12 +291,12 @@ class ParquetSource:
             try:
                 meta = pq.read_metadata(file)
                 names = set(meta.schema.to_arrow_schema().names)  # top-level columns
-                mapping = {f: next((c for c in cols if c in names), None) for f, cols in PARQUET_COLUMNS.items()}
-                missing = [PARQUET_COLUMNS[f][0] for f in PARQUET_REQUIRED if mapping[f] is None]
+                mapping = {f: next((c for c in cols if c in names), None) for f, cols in self.columns.items()}
+                missing = [self.columns[f][0] for f in self.required if mapping[f] is None]
                 if missing:
                     self._columns[file] = Rejection(
                         self._name(file), "missing columns", f"{missing}; {meta.num_rows} rows skipped; "
-                        f"has {sorted(names)}; expected original_image/input_image, edit_prompt, edited_image")
+                        f"has {sorted(names)}; expected {self.expected}")
                 else:
                     self._columns[file] = {f: c for f, c in mapping.items() if c is not None}
             except Exception as e:
@@ -306,10 +317,13 @@ class ParquetSource:
             if isinstance(self._mapping(file), Rejection):
                 continue
             try:
-                for row in self._rows(file, TEXT_FIELDS):
-                    yield _text_prompt_id(row)
+                for row in self._rows(file, self.plan_fields):
+                    yield self._prompt_id(row)
             except Exception:
                 continue  # reported by scan()
+
+    def _prompt_id(self, row: dict) -> str:
+        return _text_prompt_id(row)
 
     def _image(self, cell, file: str, what: str) -> bytes | str:
         if isinstance(cell, dict):
@@ -338,19 +352,73 @@ class ParquetSource:
         name = self._name(file)
         row_no = -1
         try:
-            for row_no, row in enumerate(self._rows(file, tuple(PARQUET_COLUMNS))):
+            for row_no, row in enumerate(self._rows(file, tuple(self.columns))):
                 item = f"{name}#{row_no}"
                 try:
-                    texts = {f: row.get(f) or "" for f in TEXT_FIELDS}
-                    if not all(isinstance(v, str) for v in texts.values()):
-                        raise Reject("bad prompt cell", "a prompt column is not text")
-                    yield Pair(id=item, prompt_id=_text_prompt_id(texts), **texts,
-                               input_image=self._image(row["input_image"], file, "input image"),
-                               edited_image=self._image(row["edited_image"], file, "edited image"))
+                    yield self._pair(item, row, file)
                 except Reject as e:
                     yield Rejection(item, e.kind, e.detail)
         except Exception as e:
             yield Rejection(f"{name}#{row_no + 1}", "unreadable parquet data", f"{type(e).__name__}: {e}")
+
+    def _pair(self, item: str, row: dict, file: str) -> Pair:
+        texts = {f: row.get(f) or "" for f in TEXT_FIELDS}
+        if not all(isinstance(v, str) for v in texts.values()):
+            raise Reject("bad prompt cell", "a prompt column is not text")
+        return Pair(id=item, prompt_id=_text_prompt_id(texts), **texts,
+                    input_image=self._image(row["input_image"], file, "input image"),
+                    edited_image=self._image(row["edited_image"], file, "edited image"))
+
+
+# ---------------------------------------------------------------- MagicBrush
+
+MAGICBRUSH_COLUMNS = {
+    "session": ("img_id",),
+    "turn_index": ("turn_index",),
+    "input_image": ("source_img",),
+    "mask_image": ("mask_img",),
+    "instruction": ("instruction",),
+    "edited_image": ("target_img",),
+}
+MAGICBRUSH_REQUIRED = ("session", "turn_index", "input_image", "instruction", "edited_image")
+
+
+class MagicBrushSource(ParquetSource):
+    """MagicBrush's parquet files (as the Hugging Face dataset osunlp/MagicBrush stores them):
+    img_id, turn_index, source_img, mask_img, instruction, target_img; images are {bytes, path}
+    structs or plain binary. Each row is one turn of an editing session: the session (img_id) is
+    the prompt id, so all turns of one image land in one split; turn_index and the mask (encoded as
+    given; b"" where a file has no mask_img column) are kept as features. A row without its source
+    or target image is rejected, naming the file, row, session and turn."""
+
+    format = "magicbrush"
+    columns = MAGICBRUSH_COLUMNS
+    required = MAGICBRUSH_REQUIRED
+    plan_fields = ("session",)
+    expected = "img_id, turn_index, source_img, mask_img, instruction, target_img"
+
+    def _prompt_id(self, row: dict) -> str:
+        return str(row.get("session"))
+
+    def _pair(self, item: str, row: dict, file: str) -> Pair:
+        session, turn = row.get("session"), row.get("turn_index")
+        if session is None or str(session) == "":
+            raise Reject("missing img_id")
+        if isinstance(turn, bool) or not isinstance(turn, int):
+            raise Reject("bad turn_index", f"img_id {session}: {turn!r} is not an integer")
+        where = f"img_id {session} turn {turn}"
+        for field, column in (("input_image", "source_img"), ("edited_image", "target_img")):
+            cell = row.get(field)
+            if cell is None or (isinstance(cell, dict) and not cell.get("bytes") and not cell.get("path")):
+                kind = "missing target image" if field == "edited_image" else "missing source image"
+                raise Reject(kind, f"{where}: {column} is empty")
+        if not isinstance(row.get("instruction"), str):
+            raise Reject("bad prompt cell", f"{where}: instruction is not text")
+        mask = row.get("mask_image")
+        return Pair(id=f"{session}-{turn}", prompt_id=str(session), instruction=row["instruction"],
+                    input_image=self._image(row["input_image"], file, f"{where} source_img"),
+                    edited_image=self._image(row["edited_image"], file, f"{where} target_img"),
+                    turn_index=turn, mask_image=None if mask is None else self._image(mask, file, f"{where} mask_img"))
 
 
 # ---------------------------------------------------------------- jsonl
@@ -424,7 +492,7 @@ class JsonlSource:
                        edited_image=os.path.join(base, obj["edited_image"]))
 
 
-FORMATS = {"authors": AuthorsSource, "parquet": ParquetSource, "jsonl": JsonlSource}
+FORMATS = {"authors": AuthorsSource, "parquet": ParquetSource, "jsonl": JsonlSource, "magicbrush": MagicBrushSource}
 
 
 def open_source(fmt: str, path: str):

@@ -1,4 +1,9 @@
-"""Noise schedules: the 1000-step training schedule and the sigma/timestep schedules samplers use.
+"""Noise schedules: the model's training schedule and the sigma/timestep schedules samplers use.
+
+A model is trained either on DDPM's discrete betas (`TrainingSchedule`: SD 1.x/2.x, InstructPix2Pix)
+or in EDM's continuous sigma parametrisation (`EDMSchedule`: CosXL); `noise_schedule_from_config`
+reads whichever a diffusers scheduler config describes. Both carry the model's prediction type
+("epsilon" or "v_prediction"), which the samplers convert with per-step plan data.
 
 Everything here runs once on the host in numpy (float64 where we compute, float32 where a
 reference stores float32), except `add_noise`, which is jit-able.
@@ -21,6 +26,12 @@ BETA_SCHEDULES = ("scaled_linear", "linear")
 # Where the float32 alphas_cumprod comes from: diffusers computes betas in float32 torch;
 # the authors' LatentDiffusion (CompVis) computes in float64 and stores float32.
 REFERENCES = ("diffusers", "ldm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")   # configs of EDM-trained models
+EDM_SIGMA_SCHEDULES = ("karras", "exponential")
+# Schedulers of other parametrisations (cosine-continuous, flow matching): refused, not misread as DDPM.
+UNSUPPORTED_SCHEDULERS = ("CosineDPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+                          "FlowMatchHeunDiscreteScheduler")
 
 
 class ScheduleError(Ip2pError):
@@ -35,8 +46,10 @@ class TrainingSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"   # or "v_prediction" (SD 2.x-style models)
 
     def __post_init__(self):
+        _check_prediction_type(self.prediction_type)
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ScheduleError(f"beta_schedule {self.beta_schedule!r} is not supported; "
                                 f"choose one of {BETA_SCHEDULES}")
@@ -50,11 +63,13 @@ class TrainingSchedule:
         """Read the training-schedule facts from a diffusers scheduler config dict.
 
         Sampler choices in the dict (timestep_spacing, steps_offset, ...) are ignored: the
-        sampler plan chooses those explicitly. Settings that change the model's meaning
-        (v-prediction, zero-terminal-SNR rescaling, custom betas) are refused.
+        sampler plan chooses those explicitly. prediction_type "epsilon" and "v_prediction" are
+        read; other settings that change the model's meaning (sample prediction, zero-terminal-SNR
+        rescaling, custom betas) and EDM configs (see noise_schedule_from_config) are refused.
         """
+        _check_scheduler_class(config, source, edm=False)
         refused = {
-            "prediction_type": ("epsilon", None),
+            "prediction_type": PREDICTION_TYPES + (None,),
             "rescale_betas_zero_snr": (False, None),
             "trained_betas": (None,),
             "thresholding": (False, None),
@@ -92,6 +107,86 @@ class TrainingSchedule:
         return sigmas_from_alphas_cumprod(self.alphas_cumprod(reference))
 
 
+@dataclasses.dataclass(frozen=True)
+class EDMSchedule:
+    """A model trained in EDM's continuous sigma parametrisation (Karras et al. 2022), as diffusers'
+    EDMEulerScheduler config describes it. Defaults are diffusers' (the config's missing keys);
+    `COSXL` below holds CosXL's. The sampler plan (samplers.make_plan "edm_euler") reads it:
+    sigmas from sigma_max down to sigma_min ("karras": rho-spaced; "exponential": log-linear),
+    then 0 ("zero") or sigma_min again; model input x / sqrt(sigma^2 + sigma_data^2); UNet
+    timestep 0.25 log(sigma); denoised = c_skip x + c_out output (EDM's preconditioning)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    sigma_schedule: str = "karras"
+    rho: float = 7.0
+    prediction_type: str = "epsilon"
+    final_sigmas_type: str = "zero"
+
+    def __post_init__(self):
+        _check_prediction_type(self.prediction_type)
+        if self.sigma_schedule not in EDM_SIGMA_SCHEDULES:
+            raise ScheduleError(f"sigma_schedule {self.sigma_schedule!r} is not one of {EDM_SIGMA_SCHEDULES}")
+        if self.final_sigmas_type not in ("zero", "sigma_min"):
+            raise ScheduleError(f"final_sigmas_type {self.final_sigmas_type!r} is not 'zero' or 'sigma_min'")
+        if not 0 < self.sigma_min < self.sigma_max or not self.sigma_data > 0 or not self.rho > 0:
+            raise ScheduleError(f"need 0 < sigma_min < sigma_max, sigma_data > 0 and rho > 0; got sigma_min="
+                                f"{self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}, "
+                                f"rho={self.rho}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, source: str = "scheduler config") -> "EDMSchedule":
+        """Read an EDMEulerScheduler (or EDMDPMSolverMultistepScheduler) config dict."""
+        _check_scheduler_class(config, source, edm=True)
+        kwargs = {f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None}
+        try:
+            return cls(**kwargs)
+        except (ScheduleError, TypeError) as e:
+            raise ScheduleError(f"{source}: {e}") from None
+
+    def sigmas(self, steps: int, schedule: str | None = None) -> np.ndarray:
+        """float32 (steps,) sampling sigmas, descending, as diffusers' set_timesteps computes them
+        (karras in float64 then float32; exponential a float32 torch.linspace of log-sigmas)."""
+        schedule = schedule or self.sigma_schedule
+        if schedule not in EDM_SIGMA_SCHEDULES:
+            raise ScheduleError(f"edm_euler: schedule {schedule!r} is not one of {EDM_SIGMA_SCHEDULES}")
+        if schedule == "karras":
+            return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho).astype(np.float32)
+        logs = _torch_linspace_float32(np.log(self.sigma_min), np.log(self.sigma_max), steps)
+        return np.exp(logs.astype(np.float64)).astype(np.float32)[::-1]
+
+
+def noise_schedule_from_config(config: Mapping[str, Any], *,
+                               source: str = "scheduler config") -> "TrainingSchedule | EDMSchedule":
+    """The model's noise schedule from its diffusers scheduler config: an EDMSchedule for the EDM
+    scheduler classes (CosXL), else the DDPM TrainingSchedule (every other SD scheduler)."""
+    if config.get("_class_name") in EDM_SCHEDULERS:
+        return EDMSchedule.from_config(config, source=source)
+    return TrainingSchedule.from_config(config, source=source)
+
+
+def _check_prediction_type(prediction_type) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ScheduleError(f"prediction_type {prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
+
+
+def _check_scheduler_class(config: Mapping[str, Any], source: str, *, edm: bool) -> None:
+    name = config.get("_class_name")
+    if name in UNSUPPORTED_SCHEDULERS:
+        raise ScheduleError(f"{source}: scheduler {name} (another noise parametrisation) is not supported; "
+                            f"supported are the DDPM (betas) schedulers and {', '.join(EDM_SCHEDULERS)}")
+    if edm and name is not None and name not in EDM_SCHEDULERS:
+        raise ScheduleError(f"{source}: {name} is not an EDM scheduler ({', '.join(EDM_SCHEDULERS)})")
+    if not edm and name in EDM_SCHEDULERS:
+        raise ScheduleError(f"{source}: {name} describes an EDM model, not DDPM betas "
+                            "(read it with noise_schedule_from_config)")
+
+
+COSXL = EDMSchedule(sigma_min=0.002, sigma_max=120.0, sigma_data=1.0, sigma_schedule="exponential",
+                    prediction_type="v_prediction")   # CosXL (Edit)'s scheduler, as diffusers' docs set it
+
+
 def _check_reference(reference: str) -> None:
     if reference not in REFERENCES:
         raise ScheduleError(f"reference {reference!r} is not one of {REFERENCES}")
@@ -109,7 +204,7 @@ def _torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
     i = np.arange(n, dtype=np.float64)
     forward = np.float64(a) + step * i
     backward = np.float64(b) - step * (n - 1 - i)
-    return np.where(i < n // 2, forward, backward).astype(np.float32)
+    return np.where((i < n // 2) | (n == 1), forward, backward).astype(np.float32)   # n = 1: [start]
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:

@@ -174,6 +174,11 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(_unit(a) * _unit(b), axis=-1)
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of (N, D) features (float64; torch's eps for zero rows)."""
+    return _cos(a, b)
+
+
 def scores_from_features(image_0, image_1, text_0, text_1) -> dict[str, np.ndarray]:
     """The four per-example metrics from (N, D) CLIP features (normalised here; float32 out)."""
     i0, i1, t0, t1 = (_unit(x) for x in (image_0, image_1, text_0, text_1))

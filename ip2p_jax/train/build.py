@@ -108,6 +108,10 @@ def build(config, *, load_weights: bool = True) -> Built:
     src = load_components(init) if init else (load_components(m.frozen_from) if m.frozen_from else None)
     if init:
         unet_config, unet_params = src.unet_config, src.unet_params
+        if m.get("init_must_be_editor", False) and unet_config.in_channels != 8:
+            raise ModelBuildError(f"{init}: not an InstructPix2Pix editor (its UNet takes {unet_config.in_channels} "
+                                  "input channels, an editor 8); model.init_must_be_editor (the finetune preset) "
+                                  "continues an editor; start from Stable Diffusion with the sd15 preset")
         if unet_config.in_channels == 4:
             unet_params, unet_config = expand_conv_in(unet_params, unet_config, 8)
             notes.append(f"unet: {init} has 4 input channels; conv_in widened to 8 (extra kernels zero, bias kept)")
@@ -149,8 +153,9 @@ def build(config, *, load_weights: bool = True) -> Built:
 
     prediction_type = m.prediction_type or scheduler_config.get("prediction_type") or "epsilon"
     scheduler_config["prediction_type"] = prediction_type
-    schedule = TrainingSchedule(**{f.name: scheduler_config[f.name] for f in dataclasses.fields(TrainingSchedule)
-                                   if scheduler_config.get(f.name) is not None})
+    # DDPM betas only: an EDM model's scheduler (CosXL) or a setting that changes the model's meaning is refused
+    schedule = TrainingSchedule.from_config(scheduler_config,
+                                            source=f"{init or m.frozen_from or 'model'}: scheduler config")
 
     models = Models(
         unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat),

@@ -29,12 +29,10 @@ import optax
 from jax import lax
 
 from ip2p_jax.data.augment import to_float
-from ip2p_jax.diffusion.schedules import add_noise
+from ip2p_jax.diffusion.schedules import PREDICTION_TYPES, add_noise
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.dropout import conditioning_dropout
 from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def model_pixels(images: jax.Array) -> jax.Array:
