@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -37,6 +38,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 PARTS = ("unet", "text_encoder")          # diffusers' prefixes = the training params' keys
 COMPONENT_FIELD = {"unet": "unet_params", "text_encoder": "text_params"}
+TEXT_PREFIX = "text_model."             # our text-encoder paths (and transformers 4's names) start with it
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
@@ -155,14 +157,40 @@ def _from_kohya(state: dict, path: str) -> tuple[dict, dict]:
     return {k: np.asarray(v) for k, v in converted.items()}, {k: float(v) for k, v in (alphas or {}).items()}
 
 
+_OLD_ATTENTION = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_SUFFIXES = ((".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"),
+                 (".lora_linear_layer.down.weight", ".lora_A.weight"), (".lora_linear_layer.up.weight", ".lora_B.weight"))
+
+
+def canonical_key(key: str) -> str:
+    """diffusers' older LoRA names -> PEFT's: '...attn1.processor.to_out_lora.down.weight' ->
+    '...attn1.to_out.0.lora_A.weight' (text encoder: to_q_lora -> q_proj), '.lora.up.weight' -> '.lora_B.weight'."""
+    k = key.replace(".processor.", ".")
+    m = _OLD_ATTENTION.search(k)
+    if m:
+        proj, which = m.groups()
+        name = proj[3:] + "_proj" if k.startswith("text_encoder.") else proj + (".0" if proj == "to_out" else "")
+        return f"{k[:m.start()]}.{name}.lora_{'A' if which == 'down' else 'B'}.weight"
+    for old, new in _OLD_SUFFIXES:
+        if k.endswith(old):
+            return k[: -len(old)] + new
+    return k
+
+
+def _alpha_module(key: str) -> str:
+    """An alpha tensor's name ('unet.<module>.alpha', or diffusers' kohya converter's
+    'unet.<...>.to_q_lora.down.weight.alpha') -> 'unet.<module>'."""
+    head = key[: -len(".alpha")]
+    if head.endswith(".weight"):
+        head = canonical_key(head).rsplit(".", 2)[0]
+    return head
+
+
 def _split(key: str) -> tuple[str, str, str]:
     """'unet.a.b.lora_A.weight' -> ('unet', 'a.b', 'A'); ('', '', '') when not a LoRA tensor name."""
-    for marker, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weight", "A"),
-                          (".lora.up.weight", "B"), (".lora_linear_layer.down.weight", "A"),
-                          (".lora_linear_layer.up.weight", "B")):
+    for marker, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
         if key.endswith(marker):
-            head = key[: -len(marker)]
-            part, _, module = head.partition(".")
+            part, _, module = key[: -len(marker)].partition(".")
             return part, module, which
     return "", "", ""
 
@@ -181,7 +209,7 @@ def _factor(part: str, module: str, rank: int, meta: dict, alphas: dict) -> floa
         if meta.get(f"{part}.use_rslora"):
             return alpha / float(np.sqrt(r))
         return alpha / r
-    alpha = alphas.get(f"{part}.{module}.alpha")
+    alpha = alphas.get(f"{part}.{module}")
     return float(alpha) / rank if alpha is not None else 1.0
 
 
@@ -198,11 +226,11 @@ def read_lora(path: str) -> LoraFile:
     if state and all(k.startswith(KOHYA_PREFIXES) for k in state):
         state, alphas = _from_kohya(state, path)
     alphas.update({k: float(np.asarray(v)) for k, v in state.items() if k.endswith(".alpha")})
+    alphas = {_alpha_module(k): v for k, v in alphas.items()}
+    state = {canonical_key(k): v for k, v in state.items() if not k.endswith(".alpha")}
     pairs: dict[tuple[str, str], dict] = {}
     other = []
     for key, value in state.items():
-        if key.endswith(".alpha"):
-            continue
         part, module, which = _split(key)
         if not part:
             other.append(key)
@@ -227,7 +255,8 @@ def read_lora(path: str) -> LoraFile:
         if a.ndim not in (2, 4) or b.ndim != a.ndim or b.shape[1] != a.shape[0] or (b.ndim == 4 and b.shape[2:] != (1, 1)):
             raise LoraFileError(f"{path}: {part}.{module}: lora_A {a.shape} and lora_B {b.shape} do not make a LoRA pair")
         rank = a.shape[0]
-        name = lora_math.normalize_target(module)
+        ours = module if part != "text_encoder" or module.startswith(TEXT_PREFIX) else TEXT_PREFIX + module
+        name = lora_math.normalize_target(ours)   # (transformers 5 names drop text_model.)
         p = tuple(name.split("."))
         flat[part][p + ("lora_A",)] = a.T if a.ndim == 2 else a.transpose(2, 3, 1, 0)
         flat[part][p + ("lora_B",)] = b.T if b.ndim == 2 else b[:, :, 0, 0].T
@@ -240,8 +269,11 @@ def read_lora(path: str) -> LoraFile:
 
 
 def check_lora_fits(lora: LoraFile, bases: Mapping[str, Any]) -> None:
-    """Each part's adapters fit the base params of that part ({'unet': ..., 'text_encoder': ...})."""
+    """Each part's adapters fit the base params of that part ({'unet': ..., 'text_encoder': ...}; parts
+    missing from `bases` are not checked)."""
     for part, tree in lora.adapters.items():
+        if part not in bases:
+            continue
         try:
             lora_math.check_fits(bases[part], tree, where="UNet" if part == "unet" else "text encoder")
         except lora_math.LoraError as e:
