@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -32,7 +31,6 @@ from ip2p_jax.weights.io import read_state_dict
 from ip2p_jax.weights.naming import WeightsError, flax_path_to_torch_key
 from ip2p_jax.weights.output_folder import atomic_folder, check_finite
 
-log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
