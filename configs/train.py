@@ -23,6 +23,11 @@ Presets:
           measured VAE scaling factor; by hand:
             ip2p train --config configs/train.py:demo --workdir RUN/editor \
               --config.model.tokenizer=RUN/tokenizer --config.data.path=RUN/latents
+  lora    a LoRA of an InstructPix2Pix model (rank 16 on the UNet's attention projections; only the
+          adapters train, the base stays frozen in bf16); the export is pytorch_lora_weights.safetensors:
+            ip2p train --config configs/train.py:lora --workdir runs/lora \
+              --config.model.init=timbrooks/instruct-pix2pix --config.data.path=/data/tfds
+  lora_tiny  `tiny` as a rank-4 LoRA (UNet and text encoder); seconds on CPU.
 The autoencoder trains through the same loop: configs/autoencoder.py.
 """
 from __future__ import annotations
@@ -111,6 +116,15 @@ def base() -> ml_collections.ConfigDict:
     d.image_dtype = "uint8"   # batch images on the wire: uint8 (scaled on the device) | float32
     d.num_examples = 0        # synthetic: repeat this many pairs (0 = endless distinct pairs)
     d.validation_split = "validation"
+
+    c.lora = r = ml_collections.ConfigDict()
+    r.rank = 0                # 0: train the full UNet; > 0: a LoRA of this rank (only the adapters train)
+    r.alpha = 0.0             # the update is scaled by alpha / rank; 0 = rank (scale 1)
+    r.dropout = 0.0           # drops the adapters' input features (one mask per layer per step)
+    r.targets = ("to_q", "to_k", "to_v", "to_out.0")   # UNet layers (name suffixes, PyTorch or our spelling)
+    r.text_encoder = False    # also adapt the text encoder (instead of model.train_text_encoder)
+    r.text_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    r.convs = False           # let targets match conv layers too (e.g. "conv1", "proj_in")
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every_steps = 1000
@@ -220,7 +234,33 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.export.at_end = False   # the demo's assemble stage writes the model (with the workdir's VAE)
 
 
-PRESETS = {"sd15": sd15, "finetune": finetune, "tiny": tiny, "shapes": shapes, "demo": demo}
+def lora(c: ml_collections.ConfigDict) -> None:
+    """A LoRA of an InstructPix2Pix model on new pairs (diffusers' LoRA scripts' settings: rank 16, lr 1e-4)."""
+    c.model.init = "timbrooks/instruct-pix2pix"
+    c.lora.rank = 16
+    c.lora.alpha = 16.0
+    c.optim.learning_rate = 1e-4
+    c.optim.weight_decay = 1e-2
+    c.train.batch_size = 32
+    c.train.num_steps = 5000
+    c.train.ema_decay = 0.999
+    c.data.source = "tfds"
+    c.data.name = "edit_pairs"
+    c.checkpoint.every_steps = 500
+    c.log.sample_every_steps = 500
+
+
+def lora_tiny(c: ml_collections.ConfigDict) -> None:
+    tiny(c)
+    c.model.train_text_encoder = False
+    c.lora.rank = 4
+    c.lora.alpha = 4.0
+    c.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
+    c.lora.text_encoder = True
+    c.optim.learning_rate = 1e-2
+
+
+PRESETS = {"sd15": sd15, "finetune": finetune, "tiny": tiny, "shapes": shapes, "demo": demo, "lora": lora, "lora_tiny": lora_tiny}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

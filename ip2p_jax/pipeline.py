@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ip2p_jax import dtypes, masks, placement, sharding, turns as turnlib
+from ip2p_jax import adapters, dtypes, masks, placement, sharding, turns as turnlib
 from ip2p_jax import images as imlib
 from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import ScheduleError, noise_schedule_from_config
@@ -33,6 +33,7 @@ from ip2p_jax.errors import Ip2pError
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import MAX_LENGTH
 from ip2p_jax.weights import load
+from ip2p_jax.weights import lora as lora_files
 from ip2p_jax.weights.diffusers_folder import check_text_conditioning
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class EditPipeline:
         self._local_text_jit = (placement.compiled(_make_local_sdxl_function, self.text_encoder,
                                                    self.model.text_encoder_2, self.mesh) if self.is_sdxl else
                                 placement.compiled(_make_local_text_function, self.text_encoder, self.mesh))
+        self._loras: dict = {}          # name -> (LoraFile, scale), in load order
+        self._lora_base: dict | None = None   # the params["unet"/"text"] the LoRAs are added to
 
     @property
     def params(self) -> dict:
@@ -177,6 +180,59 @@ class EditPipeline:
         elif branches != guidance.FULL:
             key += (branches,)
         return placement.compiled(_make_edit_function, *key)
+
+    # ------------------------------------------------------------------ LoRAs
+
+    def load_lora(self, path: str, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a diffusers / PEFT / kohya LoRA file (or a folder with pytorch_lora_weights.safetensors) at
+        `scale`; returns its name (default: the file's stem). Several can be loaded; loading a name again
+        replaces it. The sum of their updates is merged into the UNet / text-encoder kernels once (fp32,
+        then the pipeline's dtype), so edits run at the base model's speed; the base weights are kept
+        beside them (one more UNet in memory) for `unload_lora` and new scales."""
+        scale = float(scale)
+        if not np.isfinite(scale):
+            raise EditError(f"LoRA {path}: scale must be a finite number, got {scale}")
+        lora = lora_files.read_lora(path)
+        base = self._lora_base or {"unet": self.params["unet"], "text": self.params["text"]}
+        lora_files.check_lora_fits(lora, {"unet": base["unet"], "text_encoder": base["text"]})
+        if name is None:
+            stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+            name = os.path.basename(os.path.dirname(lora.source)) if stem == "pytorch_lora_weights" else stem
+        self._lora_base = base
+        self._loras[name] = (lora, scale)
+        self._merge_loras()
+        return name
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (by name) or all of them (None): the base weights come back."""
+        if name is not None and name not in self._loras:
+            raise EditError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self._loras) or 'none'})")
+        for n in ([name] if name is not None else list(self._loras)):
+            del self._loras[n]
+        self._merge_loras()
+
+    @property
+    def loras(self) -> dict:
+        """{name: scale} of the loaded LoRAs."""
+        return {n: s for n, (_, s) in self._loras.items()}
+
+    def _merge_loras(self) -> None:
+        if self._lora_base is None:
+            return
+        merged = {}
+        for part, key in (("unet", "unet"), ("text_encoder", "text")):
+            used = [(lf, s) for lf, s in self._loras.values() if part in lf.adapters]
+            if not used:
+                merged[key] = self._lora_base[key]
+                continue
+            pairs = [(lf.adapters[part], np.float32(s)) for lf, s in used]
+            factors = [lf.factors[part] for lf, _ in used]
+            fn = jax.jit(lambda b, p: adapters.apply_loras(b, p, factors),
+                         out_shardings=sharding.replicated(self.mesh))
+            merged[key] = fn(self._lora_base[key], pairs)
+        self.params = dict(self.params, **merged)
+        if not self._loras:
+            self._lora_base = None
 
     @property
     def native_resolution(self) -> int:
@@ -629,6 +685,8 @@ class EditPipeline:
                     "input_size": list(in_size), "size": list(img.size), "dtype": self.dtype.name,
                 }
                 settings.update(mask_settings)
+                if self._loras:
+                    settings["loras"] = [{"name": n, "file": lf.source, "scale": sc} for n, (lf, sc) in self._loras.items()]
                 if texts[j] == "":
                     settings["note"] = "empty instruction: the resized input is returned unchanged"
                 elif job_mask is not None and not job_mask.any():

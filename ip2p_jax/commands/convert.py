@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from ip2p_jax.weights import WeightsError, expand_conv_in, load, save_diffusers_folder
+from ip2p_jax.weights.lora import merge_lora, parse_lora_arg, read_lora
 from ip2p_jax.weights.output_folder import check_output_folder
 
 
@@ -21,6 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--to-8-channels", action="store_true",
                         help="widen a 4-channel Stable Diffusion UNet's conv_in to InstructPix2Pix's 8 "
                              "(extra channels zero, so outputs are unchanged)")
+    parser.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="add a LoRA's update (diffusers / PEFT / kohya file) to the weights at SCALE "
+                             "(default 1); repeat for several")
     parser.add_argument("--variant", help="read <name>.<VARIANT>.safetensors (e.g. fp16) from folders / hub ids")
     parser.add_argument("--config", metavar="FOLDER",
                         help="single files: a diffusers folder of the same architecture whose configs, tokenizer "
@@ -35,6 +39,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_output_folder(args.out, overwrite=args.overwrite)   # before loading anything
+    loras = [(read_lora(path), scale) for path, scale in map(parse_lora_arg, args.merge_lora)]
     try:
         components = load(args.source, dtype=args.dtype, variant=args.variant, config=args.config,
                           prefer_ema=not args.no_ema, tokenizer=args.tokenizer, trust_pickle=args.trust_pickle,
@@ -45,6 +50,8 @@ def run(args) -> int:
             components = dataclasses.replace(components, unet_params=params, unet_config=config)
             components.notes.append(f"UNet conv_in widened from {old} to 8 input channels (extra kernels zero, bias kept)"
                                     if old != 8 else "UNet already has 8 input channels")
+        if loras:   # kernel + updates summed in fp32, stored in --dtype
+            components = merge_lora(components, loras)
         out = save_diffusers_folder(components, args.out, overwrite=args.overwrite, progress=True)
     except OSError as e:  # permissions, full disk, ...: one line, not a traceback
         raise WeightsError(f"{e.filename or args.out}: {e.strerror or e}") from None

@@ -28,6 +28,7 @@ from ip2p_jax.diffusion import check_names
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.pipeline import PER_DEVICE_BATCH, EditPipeline, check_request, output_seeds, random_scales
 from ip2p_jax.progress import progress
+from ip2p_jax.weights.lora import parse_lora_arg, read_lora
 
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset edit of an edit-pairs TFDS split: its input images with its instructions")
     p.add_argument("--strict", action="store_true", help="dataset edit: stop at the first bad row")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="add a LoRA (diffusers / PEFT / kohya .safetensors, or a folder holding "
+                        "pytorch_lora_weights.safetensors) at SCALE (default 1); repeat for several")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampler steps (default: {DEFAULT_STEPS}; {DEMO_STEPS} for the demo model)")
     p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale")
@@ -239,7 +243,13 @@ def run(args) -> int:
 
     if args.compilation_cache is not None:
         sharding.enable_compilation_cache(args.compilation_cache or None)
+    loras = [parse_lora_arg(x) for x in args.lora]
+    for path, _ in loras:   # a missing or unreadable LoRA is refused before the model loads
+        read_lora(path)
     pipe = EditPipeline.from_pretrained(model, dtype=None if args.dtype == "auto" else args.dtype)
+    for path, scale in loras:
+        log.info("LoRA %s at scale %g", path, scale)
+        pipe.load_lora(path, scale)
     args.sampler = args.sampler or pipe.default_sampler
     pipe.plan(args.sampler, steps, args.schedule)   # a sampler this model cannot use: refused before any work
     resolution = args.resolution if args.resolution is not None else pipe.native_resolution

@@ -1,5 +1,6 @@
 """`export_run(workdir, out)`: a run's EMA weights + its frozen parts as a complete diffusers folder
-(loadable by EditPipeline and by diffusers' StableDiffusionInstructPix2PixPipeline); `read_ema`: the
+(loadable by EditPipeline and by diffusers' StableDiffusionInstructPix2PixPipeline), or for a LoRA run
+(config.lora.rank > 0) its EMA adapters as OUT/pytorch_lora_weights.safetensors; `read_ema`: the
 EMA params of a run's checkpoint (also the demo model's assemble stage)."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.build import build
 from ip2p_jax.train.checkpoint import Checkpointer
 from ip2p_jax.train.editor import export_editor
+from ip2p_jax.train.lora import export_lora, lora_enabled, lora_task
 from ip2p_jax.weights.output_folder import check_output_folder
 
 
@@ -54,5 +56,11 @@ def export_run(workdir: str, out: str, *, step: Optional[int] = None, overwrite:
     check_output_folder(out, overwrite=overwrite, protect=[workdir])
     config = read_run_config(workdir)
     built = build(config)
+    if lora_enabled(config):   # a LoRA run: its EMA adapters as pytorch_lora_weights.safetensors
+        task = lora_task(config, built)
+        ema, _ = read_ema(workdir, task.abstract_params, step)
+        r = config.lora
+        return export_lora(ema, out, rank=int(r.rank), alpha=float(r.alpha) or float(r.rank), overwrite=overwrite,
+                           protect=[workdir])
     ema, _ = read_ema(workdir, built.params, step)
     return export_editor(built, ema, out, overwrite=overwrite, protect=[workdir])

@@ -28,6 +28,7 @@ from ip2p_jax.train.autoencoder import autoencoder_task
 from ip2p_jax.train.checkpoint import Checkpointer
 from ip2p_jax.train.data import make_train_data, model_inputs
 from ip2p_jax.train.editor import editor_task
+from ip2p_jax.train.lora import lora_enabled, lora_task
 from ip2p_jax.train.parallel import fetch, make_runner
 from ip2p_jax.train.state import OptimizerConfig, abstract_train_state, learning_rate_schedule, make_optimizer
 from ip2p_jax.train.task import Task
@@ -238,6 +239,8 @@ def task_for(config) -> Task:
     name = config.get("task", "editor")
     if name not in TASKS:
         raise TrainingStopped(f"config.task must be one of {sorted(TASKS)}, got {name!r}")
+    if name == "editor" and lora_enabled(config):   # config.lora.rank > 0: train adapters only
+        return lora_task(config)
     return TASKS[name](config)
 
 
