@@ -277,3 +277,45 @@ def test_sdxl_export_and_local_batch_equal_edit(pipe, monkeypatch):
     np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-5)
     local = pipe.edit_local_batch([image], [fx.INSTRUCTION], [5], [5.0], [1.5], steps=2, sampler="euler")
     np.testing.assert_allclose(local[0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["exponential"])
+def test_cosxl_edit_matches_diffusers(sdxl_dir, tmp_path, schedule):
+    """CosXL Edit: an SDXL editor with an EDM v-prediction scheduler (EDMEulerScheduler, CosXL's
+    sigmas) and is_cosxl_edit=True edits with edm_euler by default and equals diffusers; negative
+    controls: without the latent scaling, and read as the original DDPM model, the edit differs."""
+    import torch
+    from diffusers import EDMEulerScheduler, StableDiffusionXLInstructPix2PixPipeline
+    from ip2p_jax.pipeline import EditPipeline
+
+    path = str(tmp_path / "cosxl")
+    shutil.copytree(sdxl_dir, path)
+    shutil.rmtree(os.path.join(path, "scheduler"))
+    EDMEulerScheduler(sigma_min=0.002, sigma_max=120.0, sigma_data=1.0, sigma_schedule=schedule,
+                      prediction_type="v_prediction").save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    index["scheduler"] = ["diffusers", "EDMEulerScheduler"]
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f)
+
+    ref = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(path, add_watermarker=False, is_cosxl_edit=True)
+    ref.set_progress_bar_config(disable=True)
+    assert isinstance(ref.scheduler, EDMEulerScheduler)
+    pipe = EditPipeline.from_pretrained(path, dtype="fp32", is_cosxl_edit=True)
+    assert pipe.default_sampler == "edm_euler" and pipe.is_cosxl_edit
+    image, noise = fx.sample_images(1)[0], _noise(pipe, 2)
+    with torch.no_grad():
+        want = ref(fx.INSTRUCTION, image=image, height=fx.H, width=fx.W, num_inference_steps=fx.STEPS,
+                   guidance_scale=5.0, image_guidance_scale=1.5,
+                   latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)), output_type="np").images[0]
+    got = pipe.edit(image, fx.INSTRUCTION, steps=fx.STEPS, latents=noise, text_scale=5.0, image_scale=1.5,
+                    resize="keep", batch_size=fx.BATCH, progress=False).outputs[0]
+    assert got.settings["sampler"] == "edm_euler"
+    mx, mean = fx.max_mean_abs(np.asarray(got.image) / 255.0, want)
+    assert mx <= 1e-2 and mean <= 1e-3, (mx, mean)
+    assert np.abs(got.array - np.asarray(image) / 255.0).mean() > 0.02
+    unscaled = EditPipeline.from_pretrained(path, dtype="fp32", is_cosxl_edit=False)
+    plain = unscaled.edit(image, fx.INSTRUCTION, steps=fx.STEPS, latents=noise, text_scale=5.0, image_scale=1.5,
+                          resize="keep", batch_size=fx.BATCH, progress=False).outputs[0]
+    assert fx.max_mean_abs(plain.array, want)[0] > 1e-2
