@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from ip2p_jax import sharding
+from ip2p_jax import cpu_devices, sharding
 from ip2p_jax.commands import app, convert, edit, export, train
 from ip2p_jax.errors import Ip2pError
 
@@ -23,6 +23,7 @@ COMMANDS = {
     "export": (export, "write a training run's EMA weights as a complete diffusers folder"),
     "app": (app, "the web UI for editing (needs the [app] extra: gradio)"),
 }
+EDITING = ("edit", "app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     if not args.no_compile_cache:
         sharding.default_compilation_cache()
     try:
+        if args.command in EDITING:   # CPU-only hosts: a device per core (ip2p_jax.cpu_devices)
+            cpu_devices.use_every_core()
         return int(args._command.run(args) or 0)
     except Ip2pError as e:  # bad input or settings: the message says what and where
         print(f"ip2p {args.command}: error: {e}", file=sys.stderr)

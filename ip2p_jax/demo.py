@@ -24,6 +24,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
+from ip2p_jax import cpu_devices
 from ip2p_jax.datagen.shapes import parse_caption, render
 from ip2p_jax.datagen.shapes.world import Layout
 from ip2p_jax.errors import Ip2pError
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
         if args.write_examples:
             print(f"wrote {write_examples(args.examples)}")
             return 0
+        cpu_devices.use_every_core()
         model = args.model or demo_model_path()
         print(f"demo: editing the examples in {args.examples} with the demo model {model}\n"
               "      (it knows only the synthetic shapes world; for photos use real InstructPix2Pix weights: "

@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ip2p_jax import cpu_devices  # noqa: E402
 from bench_common import (CLIP_L, SD15_UNET, SD_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, UNET_GFLOP_512,  # noqa: E402
                           edit_gflop_per_image, mfu, peak_memory_gib)
 
@@ -114,6 +115,7 @@ def unet_step_ms(pipe, batch: int, res: int, repeats: int = 10) -> float:
 
 
 def main(argv=None) -> int:
+    cpu_devices.use_every_core()   # as `ip2p edit` does (CPU only; IP2P_CPU_DEVICES=1 for one device)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random model at 32x32 (CPU, seconds)")
     ap.add_argument("--steps", type=int, default=None, help="default 20 (--tiny: 4)")
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for b in [int(x) for x in a.batches.split(",") if x]:
         images = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(b)]
-        kw = dict(steps=a.steps, sampler=a.sampler, seed=0, resize="keep", batch_size=b, progress=False)
+        # batch_size left to the pipeline, as for a user (it may split b images into several calls)
+        kw = dict(steps=a.steps, sampler=a.sampler, seed=0, resize="keep", progress=False)
         t0 = time.perf_counter()
         pipe.edit(images, "make it winter", **kw)
         first = time.perf_counter() - t0
