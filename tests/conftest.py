@@ -9,6 +9,9 @@ from train_helpers import FAST_XLA  # noqa: E402
 # Tests compare numbers, not speed: unoptimised XLA compiles several times faster on CPU.
 os.environ.setdefault("XLA_FLAGS", FAST_XLA)
 os.environ.setdefault("IP2P_COMPILE_CACHE", "0")   # the CLI's persistent compile cache: off in tests
+# one CPU device unless a test asks for more: the CLI's device-per-core setting (ip2p_jax.cpu_devices)
+# would otherwise change the device count of whichever test process starts JAX through it first
+os.environ.setdefault("IP2P_CPU_DEVICES", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
