@@ -21,7 +21,10 @@ import tiny
 from train_helpers import CONFIG, ROOT, run_once, subprocess_env, tokenizer_dir
 
 STEPS = 3
-ATOL = 1e-5   # as tests/test_train_parallel.py: only the order of floating-point sums differs
+# As tests/test_train_parallel.py, only the order of floating-point sums differs (losses agree to ~5e-7
+# relative); Adam's division by sqrt(v) keeps small gradients' rounding in the update, so after 3 steps
+# (largest param change ~9e-3) params differ by up to ~1.1e-5: the tolerance is 2e-5, ~0.2% of that change.
+ATOL = 2e-5
 
 
 def test_dropout_drops_text_and_pooled_together():
