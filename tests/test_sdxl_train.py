@@ -237,6 +237,31 @@ def test_memory_report_is_what_a_device_holds(parallel_result):
         assert report[part] < 0.6 * one[part]   # fsdp = 2 roughly halves it
 
 
+def test_memory_script_table_on_a_tiny_config():
+    """scripts/sdxl_memory.py's table of train.memory rows, here for the tiny SDXL UNet (fsdp 1, 2)."""
+    import importlib.util
+
+    from ip2p_jax.models import unet
+    from ip2p_jax.train import memory
+    from ip2p_jax.train.configs import load_config
+
+    spec = importlib.util.spec_from_file_location("sdxl_memory", os.path.join(ROOT, "scripts", "sdxl_memory.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shapes = unet.abstract_params(unet.UNetConfig.from_dict(dict(load_config(CONFIG + ":sdxl_tiny").model.unet)))
+    rows = []
+    for n in (1, 2):
+        state = memory.train_state_bytes(shapes, n, min_size=0)
+        rows.append({"fsdp": n, **{f"unet_{k}": v * 2 ** 20 for k, v in state.items()}, "frozen": 0,
+                     "total": state["total"] * 2 ** 20})   # scaled so GiB shows digits
+    table = script.markdown_table(rows).splitlines()
+    assert table[0].startswith("| `parallel.fsdp` | UNet params | EMA | AdamW state") and len(table) == 4
+    one, two = (line.split(" | ") for line in table[2:])
+    assert one[0] == "| 1" and two[0] == "| 2"
+    p1, p2 = (float(cell.split()[0]) for cell in (one[1], two[1]))
+    assert p1 == pytest.approx(rows[0]["unet_params"] / 2 ** 30, abs=0.05) and p2 < 0.6 * p1
+
+
 # ----------------------------------------------------------------------------- kill and resume
 
 RESUME_STEPS, EVERY = 8, 3
