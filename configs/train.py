@@ -28,6 +28,14 @@ Presets:
             ip2p train --config configs/train.py:lora --workdir runs/lora \
               --config.model.init=timbrooks/instruct-pix2pix --config.data.path=/data/tfds
   lora_tiny  `tiny` as a rank-4 LoRA (UNet and text encoder); seconds on CPU.
+  sdxl    diffusers' SDXL InstructPix2Pix recipe (train_instruct_pix2pix_sdxl.py, its SDXL-base example):
+          init from SDXL base (conv_in widened to 8 channels) or an SDXL InstructPix2Pix folder, 512^2,
+          AdamW lr 5e-5 constant, no warm-up, conditioning dropout 0.05 (text + pooled together), EMA,
+          fp32 VAE, bf16 compute, both text encoders frozen, FSDP over 8 devices (params, EMA, AdamW).
+            ip2p train --config configs/train.py:sdxl --workdir runs/sdxl \
+              --config.model.init=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/tfds
+  sdxl_tiny  a tiny SDXL layout (text_time UNet, two random text encoders) from scratch on synthetic
+          pairs; seconds on CPU.
 The autoencoder trains through the same loop: configs/autoencoder.py.
 """
 from __future__ import annotations
@@ -61,6 +69,21 @@ def tiny_text_encoder() -> dict:
                 num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
+def tiny_sdxl_unet() -> dict:
+    """SDXL's layout in miniature: no attention at the first level, linear projections, 2 transformer
+    layers at the second, text_time micro-conditioning (pooled 16 + 6 time ids x 8)."""
+    return dict(tiny_unet(), block_out_channels=(16, 32), attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+                cross_attention_dim=16 + 24, use_linear_projection=True,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
+
+
+def tiny_sdxl_text_encoder_2() -> dict:
+    """transformers CLIPTextConfig of a CLIPTextModelWithProjection (SDXL's OpenCLIP bigG, in miniature)."""
+    return dict(tiny_text_encoder(), hidden_size=24, intermediate_size=48, hidden_act="gelu", projection_dim=16)
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "editor"         # the training loop's task: editor (InstructPix2Pix) | autoencoder
@@ -74,6 +97,9 @@ def base() -> ml_collections.ConfigDict:
     m.unet = tiny_unet()      # diffusers UNet config (scratch only)
     m.vae = tiny_vae()        # diffusers AutoencoderKL config (scratch, no frozen_from)
     m.text_encoder = tiny_text_encoder()  # transformers CLIPTextConfig (scratch, no frozen_from)
+    m.text_encoder_2 = {}     # SDXL from scratch: the second encoder's CLIPTextConfig ({} = an SD model)
+    m.tokenizer_2 = ""        # SDXL from scratch: its tokenizer folder ("" = model.tokenizer)
+    m.vae_dtype = ""          # "" = compute_dtype; fp32 for the stock SDXL VAE (overflows in fp16)
     m.prediction_type = ""    # "" = the scheduler config's (epsilon for SD 1.x); or epsilon / v_prediction
     m.compute_dtype = "bfloat16"   # float32 | bfloat16 | float16 (or fp32 / bf16 / fp16; "" = bf16 on GPU/TPU)
     m.attention_impl = "auto"
@@ -260,7 +286,36 @@ def lora_tiny(c: ml_collections.ConfigDict) -> None:
     c.optim.learning_rate = 1e-2
 
 
-PRESETS = {"sd15": sd15, "finetune": finetune, "tiny": tiny, "shapes": shapes, "demo": demo, "lora": lora, "lora_tiny": lora_tiny}
+def sdxl(c: ml_collections.ConfigDict) -> None:
+    """diffusers' SDXL InstructPix2Pix example (SDXL base, 512^2, lr 5e-5, no warm-up, dropout 0.05, EMA),
+    with the global batch of its 8-GPU run (4 per GPU x 4 accumulation x 8)."""
+    c.model.init = "stabilityai/stable-diffusion-xl-base-1.0"
+    c.model.vae_dtype = "float32"       # --vae_precision fp32, the script's default
+    c.model.remat = "full"
+    c.optim.learning_rate = 5e-5
+    c.train.batch_size = 128
+    c.train.grad_accum = 4
+    c.train.num_steps = 15_000
+    c.parallel.mode = "jit"
+    c.parallel.fsdp = 8                 # params, EMA and AdamW state sharded over 8 devices (~5 GiB each)
+    c.data.source = "tfds"
+    c.data.name = "edit_pairs"
+    c.data.resolution = c.data.min_resize = c.data.max_resize = 512
+    c.checkpoint.every_steps = 1000
+    c.log.sample_every_steps = 2000
+
+
+def sdxl_tiny(c: ml_collections.ConfigDict) -> None:
+    """The tiny preset with a tiny SDXL model (text_time UNet, two random frozen text encoders)."""
+    tiny(c)
+    c.model.unet = tiny_sdxl_unet()
+    c.model.text_encoder_2 = tiny_sdxl_text_encoder_2()
+    c.model.train_text_encoder = False
+    c.model.vae_dtype = "float32"
+
+
+PRESETS = {"sd15": sd15, "finetune": finetune, "tiny": tiny, "shapes": shapes, "demo": demo, "lora": lora,
+           "lora_tiny": lora_tiny, "sdxl": sdxl, "sdxl_tiny": sdxl_tiny}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

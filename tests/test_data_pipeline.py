@@ -201,3 +201,26 @@ def test_worker_processes_give_the_same_batches(data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["same"] and result["end"]["step"] == 3
+
+
+def test_sdxl_second_tokenizer_and_crop_time_ids(data, tmp_path):
+    """With tokenizer_2 (SDXL) a batch also has the second tokenizer's ids and each example's time ids
+    (original size, the crop's top-left from its own augmentation draw, target size)."""
+    from ip2p_jax.data import augment as aug
+
+    builder, tok = data
+    tok_2 = tiny.tokenizer_2(str(tmp_path / "tok2"))
+    pipe = EditPairPipeline(builder, tok, PipelineConfig(global_batch_size=8, augment=AUG), process_index=0,
+                            process_count=1, tokenizer_2=tok_2)
+    batch = next(pipe)
+    records = dh.read_split(builder, "train")
+    texts = [records[i]["instruction"] for i in batch["index"]]
+    np.testing.assert_array_equal(batch["input_ids_2"], tokenize(tok_2, texts))
+    assert not np.array_equal(batch["input_ids_2"], batch["input_ids"])   # "!" padding, not the end token
+    assert batch["time_ids"].shape == (8, 6) and batch["time_ids"].dtype == np.float32
+    for position, row in enumerate(batch["time_ids"]):
+        p = aug.draw_params(AUG, np.random.default_rng([0, position]))
+        original = aug.image_size(records[batch["index"][position]]["edited_image"])
+        np.testing.assert_array_equal(row, aug.sdxl_time_ids(original, p, AUG.crop_size))
+    assert (batch["time_ids"][:, 2:4] > 0).any() and (batch["time_ids"][:, 4:] == 32).all()
+    assert "time_ids" not in next(_pipe(data))

@@ -84,6 +84,20 @@ def to_float(x):
     return x.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
+def sdxl_time_ids(original_hw: tuple[int, int], p: JointParams, crop_size: int) -> np.ndarray:
+    """SDXL's micro-conditioning of an example, float32 (6,): (original height, width) of the decoded
+    image, the crop's top-left (top, left) in the resized image, the target size (crop, crop). A
+    flipped example is, as in diffusers' SDXL scripts, a crop of the flipped image: left mirrors."""
+    left = p.size - p.left - crop_size if p.flip else p.left
+    return np.asarray([*original_hw, p.top, left, crop_size, crop_size], np.float32)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of encoded image bytes, from the header (before any draft decoding)."""
+    width, height = Image.open(io.BytesIO(data)).size
+    return height, width
+
+
 def augment_pair(input_image: Image.Image, edited_image: Image.Image, cfg: AugmentConfig,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Both images with the same random resize, crop and flip -> two uint8 (crop, crop, 3) arrays."""

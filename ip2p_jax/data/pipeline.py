@@ -74,8 +74,8 @@ class _MakeExample:
     """Global position + unit -> one example dict (runs in grain threads / worker processes)."""
 
     def __init__(self, source, tokenizer, cfg: PipelineConfig, process_index: int, process_count: int,
-                 groups: tuple[np.ndarray, np.ndarray] | None):
-        self.source, self.tokenizer, self.cfg = source, tokenizer, cfg
+                 groups: tuple[np.ndarray, np.ndarray] | None, tokenizer_2=None):
+        self.source, self.tokenizer, self.cfg, self.tokenizer_2 = source, tokenizer, cfg, tokenizer_2
         self.process_index, self.process_count, self.groups = process_index, process_count, groups
 
     def __call__(self, local_index: int, unit: int) -> dict:
@@ -99,7 +99,12 @@ class _MakeExample:
         instruction = ex["instruction"]
         instruction = instruction.decode("utf-8") if isinstance(instruction, bytes) else instruction
         ids = tokenize(self.tokenizer, [instruction], self.cfg.max_length)[0]
-        return {"input_image": x0, "edited_image": x1, "input_ids": ids, "index": np.int32(record)}
+        out = {"input_image": x0, "edited_image": x1, "input_ids": ids, "index": np.int32(record)}
+        if self.tokenizer_2 is not None:   # SDXL: the second tokenizer's ids and the crop's time ids
+            out["input_ids_2"] = tokenize(self.tokenizer_2, [instruction], self.cfg.max_length)[0]
+            original = aug.image_size(ex[IMAGE_FEATURES[1]])   # the edited image's (the target's)
+            out["time_ids"] = aug.sdxl_time_ids(original, params, self.cfg.augment.crop_size)
+        return out
 
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
@@ -117,15 +122,19 @@ class EditPairPipeline:
       input_image, edited_image: (B, crop, crop, 3) float32 in [-1, 1] (or uint8)
       input_ids:                 (B, 77) int32 (tokenised instruction)
       index:                     (B,) int32, the record each example came from
+      with tokenizer_2 (SDXL) also
+      input_ids_2:               (B, 77) int32 (the second tokenizer's ids)
+      time_ids:                  (B, 6) float32 (augment.sdxl_time_ids of each example's crop)
     """
 
     def __init__(self, dataset, tokenizer, config: PipelineConfig = PipelineConfig(), *,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, tokenizer_2=None):
         """`dataset`: a TFDS builder (`open_dataset(...)`) or a dataset version folder;
-        `tokenizer`: a loaded tokenizer or a folder for `load_tokenizer`."""
+        `tokenizer` (and `tokenizer_2`): a loaded tokenizer or a folder for `load_tokenizer`."""
         self.config = cfg = config
         self.builder = open_dataset(dataset) if isinstance(dataset, str) else dataset
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.tokenizer_2 = load_tokenizer(tokenizer_2) if isinstance(tokenizer_2, str) else tokenizer_2
         self.process_index, self.process_count = _process_info(process_index, process_count)
         if cfg.split not in self.builder.info.splits:
             raise PipelineError(f"split {cfg.split!r} not in the dataset (has {list(self.builder.info.splits)})")
@@ -160,8 +169,9 @@ class EditPairPipeline:
             ds = ds[: len(ds) // cfg.global_batch_size * cfg.global_batch_size]
         ds = ds[self.process_index::self.process_count]
         tok = fast_tokenizer(self.tokenizer) or self.tokenizer  # light to pickle into workers
+        tok_2 = None if self.tokenizer_2 is None else fast_tokenizer(self.tokenizer_2) or self.tokenizer_2
         ds = ds.map_with_index(_MakeExample(self.source, tok, cfg, self.process_index,
-                                            self.process_count, self.groups))
+                                            self.process_count, self.groups, tok_2))
         return ds.batch(self.local_batch_size, drop_remainder=True)
 
     def _iterator(self, step: int):

@@ -8,6 +8,13 @@ Three initialisations (config.model):
 The VAE, text encoder, tokenizer and scheduler come from `init`, else from `frozen_from` (a
 model folder), else (scratch, small models) the VAE / text encoder are random from
 config.model.vae / config.model.text_encoder and the tokenizer is read from config.model.tokenizer.
+
+SDXL: an SDXL source (text_encoder_2 / tokenizer_2 in the folder) or, from scratch, a non-empty
+config.model.text_encoder_2 (random CLIPTextModelWithProjection; tokenizer_2 from
+config.model.tokenizer_2, default the first tokenizer) gives a text_time UNet both frozen text
+encoders; the null conditioning is the empty prompt's {'text', 'pooled'}. config.model.vae_dtype
+("" = the compute dtype) runs the frozen VAE in another precision (fp32: the stock SDXL VAE
+overflows in fp16).
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from ip2p_jax import dtypes
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.diffusion.schedules import TrainingSchedule
 from ip2p_jax.models import clip as clip_lib, unet as unet_lib, vae as vae_lib
-from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from ip2p_jax.placement import sdxl_prompt_function
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
 from ip2p_jax.tokenizer import load_tokenizer, tokenize
@@ -53,14 +61,21 @@ class Built:
     tokenizer: Any
     scheduler_config: dict
     notes: list
+    text2_config: Optional[CLIPTextConfig] = None   # SDXL's second text encoder (frozen: frozen['text_encoder_2'])
+    tokenizer_2: Any = None
+    pipeline_config: dict = dataclasses.field(default_factory=dict)   # model_index.json settings (SDXL)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text2_config is not None
 
 
-def compute_dtype(name: str):
+def compute_dtype(name: str, key: str = "model.compute_dtype"):
     """config.model.compute_dtype ('float32' / 'fp32', 'bfloat16' / 'bf16', ...; '' = bf16 on GPU/TPU, fp32 on CPU)."""
     try:
         return dtypes.compute_dtype(name or None)
     except dtypes.DtypeError as e:
-        raise ModelBuildError(f"model.compute_dtype: {e}") from None
+        raise ModelBuildError(f"{key}: {e}") from None
 
 
 def _plain(d) -> dict:
@@ -126,10 +141,15 @@ def build(config, *, load_weights: bool = True) -> Built:
         unet_params = None
         notes.append("unet: random init from config.model.unet")
 
+    text2_config = text2_params = tokenizer_2 = None
+    pipeline_config: dict = {}
     if src is not None:
         vae_config, vae_params = src.vae_config, src.vae_params
         text_config, text_params = src.text_config, src.text_params
         tokenizer, scheduler_config = src.tokenizer, dict(src.scheduler_config)
+        if src.is_sdxl:
+            text2_config, text2_params, tokenizer_2 = src.text2_config, src.text2_params, src.tokenizer_2
+            pipeline_config = dict(src.pipeline_config)
     else:
         vae_config = VAEConfig.from_dict(_plain(m.vae), source="config.model.vae")
         text_config = CLIPTextConfig.from_dict(_plain(m.text_encoder), source="config.model.text_encoder")
@@ -143,10 +163,31 @@ def build(config, *, load_weights: bool = True) -> Built:
         if tokenizer.model_max_length > text_config.max_position_embeddings:
             tokenizer.model_max_length = text_config.max_position_embeddings
         notes.append("vae, text_encoder: random init (config.model.vae / text_encoder)")
+        if m.get("text_encoder_2"):
+            text2_config = CLIPTextConfig.from_dict(_plain(m.text_encoder_2), source="config.model.text_encoder_2")
+            tokenizer_2 = load_tokenizer(m.get("tokenizer_2") or m.tokenizer)
+            tokenizer_2.model_max_length = min(tokenizer_2.model_max_length, text2_config.max_position_embeddings)
+            notes.append("text_encoder_2: random init (config.model.text_encoder_2)")
 
-    if unet_config.cross_attention_dim != text_config.hidden_size:
-        raise ModelBuildError(f"UNet cross_attention_dim={unet_config.cross_attention_dim} != text encoder "
-                         f"hidden_size={text_config.hidden_size}")
+    source = init or m.frozen_from or "config.model"
+    if unet_config.text_time != (text2_config is not None):
+        raise ModelBuildError(f"{source}: the UNet {'expects' if unet_config.text_time else 'does not take'} SDXL's "
+                              f"text_time conditioning but the model {'has no' if unet_config.text_time else 'has a'}"
+                              f" second text encoder (text_encoder_2)")
+    text_dim = text_config.hidden_size + (text2_config.hidden_size if text2_config is not None else 0)
+
+    if unet_config.cross_attention_dim != text_dim:
+        raise ModelBuildError(f"{source}: UNet cross_attention_dim={unet_config.cross_attention_dim} != text "
+                              f"encoder hidden_size{'s' if text2_config else ''}={text_dim}")
+    if text2_config is not None and unet_config.pooled_dim != text2_config.projection_dim:
+        raise ModelBuildError(f"{source}: the UNet takes pooled text embeddings of {unet_config.pooled_dim} but "
+                              f"text_encoder_2 projects to {text2_config.projection_dim}")
+    if text2_config is not None and m.train_text_encoder:
+        raise ModelBuildError(f"{source}: model.train_text_encoder is not supported for SDXL models (both text "
+                              "encoders stay frozen, as in diffusers' SDXL InstructPix2Pix script)")
+    if text2_config is not None and config.data.source == "latent_cache":
+        raise ModelBuildError(f"{source}: an SDXL model trains on images (data.source synthetic or tfds); the "
+                              "latent cache holds one text encoder's embeddings")
     if unet_config.out_channels != vae_config.latent_channels:
         raise ModelBuildError(f"UNet out_channels={unet_config.out_channels} != VAE latent_channels="
                          f"{vae_config.latent_channels}")
@@ -157,10 +198,13 @@ def build(config, *, load_weights: bool = True) -> Built:
     schedule = TrainingSchedule.from_config(scheduler_config,
                                             source=f"{init or m.frozen_from or 'model'}: scheduler config")
 
+    vae_dtype = compute_dtype(m.get("vae_dtype", ""), "model.vae_dtype") if m.get("vae_dtype", "") else dtype
     models = Models(
         unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat),
-        vae=AutoencoderKL(vae_config, dtype=dtype, attention_impl=m.attention_impl),
-        text_encoder=CLIPTextModel(text_config, dtype=dtype, attention_impl=m.attention_impl))
+        vae=AutoencoderKL(vae_config, dtype=vae_dtype, attention_impl=m.attention_impl),
+        text_encoder=CLIPTextModel(text_config, dtype=dtype, attention_impl=m.attention_impl),
+        text_encoder_2=(None if text2_config is None else
+                        CLIPTextModelWithProjection(text2_config, dtype=dtype, attention_impl=m.attention_impl)))
     if load_weights:
         if unet_params is None:
             unet_params = random_params(unet_lib.abstract_params(unet_config), config.seed)
@@ -168,6 +212,8 @@ def build(config, *, load_weights: bool = True) -> Built:
             vae_params = random_params(vae_lib.abstract_params(vae_config), config.seed + 1)
         if text_params is None:
             text_params = random_params(clip_lib.abstract_params(text_config), config.seed + 2)
+        if text2_config is not None and text2_params is None:
+            text2_params = random_params(clip_lib.abstract_params(text2_config, projection=True), config.seed + 3)
 
     null_ids = tokenize(tokenizer, [""])
     params = {"unet": unet_params}
@@ -176,6 +222,14 @@ def build(config, *, load_weights: bool = True) -> Built:
         params["text_encoder"] = text_params
         frozen["null_ids"] = null_ids
         notes.append("text_encoder: trained")
+    elif text2_config is not None:
+        frozen["text_encoder"], frozen["text_encoder_2"] = text_params, text2_params
+        if load_weights:
+            encode = jax.jit(sdxl_prompt_function(models.text_encoder, models.text_encoder_2))
+            null = encode({"text": text_params, "text_2": text2_params}, (null_ids, tokenize(tokenizer_2, [""])))
+            frozen["null_embedding"] = {k: np.asarray(v, np.float32) for k, v in null.items()}
+        # the run trains the encoded "" as the null conditioning; the export's edits use it too
+        pipeline_config["force_zeros_for_empty_prompt"] = False
     else:
         frozen["text_encoder"] = text_params
         if load_weights:
@@ -187,7 +241,8 @@ def build(config, *, load_weights: bool = True) -> Built:
                              scaling_factor=vae_config.scaling_factor, compute_dtype=dtype)
     return Built(models=models, step_config=step_config, unet_config=unet_config, vae_config=vae_config,
                  text_config=text_config, params=params, frozen=frozen, tokenizer=tokenizer,
-                 scheduler_config=scheduler_config, notes=notes)
+                 scheduler_config=scheduler_config, notes=notes, text2_config=text2_config, tokenizer_2=tokenizer_2,
+                 pipeline_config=pipeline_config)
 
 
 def export_components(built: Built, ema_params: dict, frozen_text_params: Optional[dict] = None):
@@ -195,7 +250,11 @@ def export_components(built: Built, ema_params: dict, frozen_text_params: Option
     text = ema_params.get("text_encoder", frozen_text_params if frozen_text_params is not None
                           else built.frozen.get("text_encoder"))
     to_np = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)  # noqa: E731
+    sdxl = {}
+    if built.is_sdxl:
+        sdxl = dict(text2_config=built.text2_config, text2_params=to_np(built.frozen["text_encoder_2"]),
+                    tokenizer_2=built.tokenizer_2, pipeline_config=dict(built.pipeline_config))
     return Components(unet_config=built.unet_config, unet_params=to_np(ema_params["unet"]),
                       vae_config=built.vae_config, vae_params=to_np(built.frozen["vae"]),
                       text_config=built.text_config, text_params=to_np(text), tokenizer=built.tokenizer,
-                      scheduler_config=built.scheduler_config, notes=list(built.notes))
+                      scheduler_config=built.scheduler_config, notes=list(built.notes), **sdxl)

@@ -17,6 +17,7 @@ from ip2p_jax.train.synthetic import SyntheticPairs
 
 SOURCES = ("synthetic", "tfds", "latent_cache")
 BATCH_KEYS = ("input_image", "edited_image", "input_ids",                    # live
+              "input_ids_2", "time_ids",                                     # live, SDXL
               "input_moments", "edited_moments", "text_embedding",           # latent cache
               "image")                                                       # autoencoder
 
@@ -35,8 +36,9 @@ def input_workers(setting: int) -> int:
 
 
 def make_train_data(config, tokenizer, *, split: str | None = None, validation: bool = False,
-                    process: tuple[int, int] | None = None):
+                    process: tuple[int, int] | None = None, tokenizer_2=None):
     """Iterator over host-local batches of config.train.batch_size global examples per step.
+    tokenizer_2 (SDXL): batches also carry 'input_ids_2' (and from tfds the crops' 'time_ids').
 
     validation: no shuffling or random augmentation (synthetic: other pairs). process: (index,
     count) to read as, default this host's (the validation set passes (0, 1): all of it everywhere).
@@ -48,7 +50,8 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
     if d.source == "synthetic":
         return SyntheticPairs(tokenizer, resolution=d.resolution, global_batch_size=batch,
                               seed=config.seed + (1 if validation else 0), num_examples=d.num_examples,
-                              process_index=pi, process_count=pc, image_dtype=d.image_dtype)
+                              process_index=pi, process_count=pc, image_dtype=d.image_dtype,
+                              tokenizer_2=tokenizer_2)
     if d.source == "tfds":
         # optional heavy dependency (tensorflow_datasets, grain)
         from ip2p_jax.data.builder import open_dataset
@@ -67,7 +70,7 @@ def make_train_data(config, tokenizer, *, split: str | None = None, validation: 
             key = "validation_split" if validation else "split"
             raise DataConfigError(f"--config.data.{key}={split!r}: the dataset {builder.data_dir} has no such split "
                                   f"(it has {', '.join(sorted(builder.info.splits)) or 'none'})")
-        return EditPairPipeline(builder, tokenizer, cfg, process_index=pi, process_count=pc)
+        return EditPairPipeline(builder, tokenizer, cfg, process_index=pi, process_count=pc, tokenizer_2=tokenizer_2)
     if d.source == "latent_cache":
         return LatentCacheReader(d.path, global_batch_size=batch, seed=config.seed, shuffle=not validation,
                                  process_index=pi, process_count=pc)

@@ -35,8 +35,11 @@ def editor_task(config, built: Optional[Built] = None) -> Task:
     sampler = None
     if config.log.sample_every_steps and config.data.source != "latent_cache":
         sampler = lambda writer: Sampler(config, built, writer)  # noqa: E731
+    make_data = None
+    if built.is_sdxl:   # both tokenizers' ids
+        make_data = lambda: make_train_data(config, built.tokenizer, tokenizer_2=built.tokenizer_2)  # noqa: E731
     return Task(abstract_params=abstract_like(built.params), init_params=lambda: built.params, frozen=built.frozen,
-                step_config=built.step_config, models=built.models, tokenizer=built.tokenizer,
+                step_config=built.step_config, models=built.models, tokenizer=built.tokenizer, make_data=make_data,
                 export=lambda state, out: export_editor(built, fetch(state.ema_params), out),
                 make_sampler=sampler, notes=list(built.notes))
 

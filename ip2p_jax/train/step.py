@@ -16,6 +16,13 @@ Batches are dicts. Live path: 'input_image', 'edited_image' (B,H,W,3) uint8 (sca
 on the device) or float in [-1, 1], 'input_ids'
 (B,77) int32. Cached path (latent_cache): 'input_moments', 'edited_moments' (B,h,w,2C) =
 concat(mean, logvar), 'text_embedding' (B,77,D). Both carry 'example_id' (B,) int32.
+
+SDXL (Models.text_encoder_2 set; live path only): 'input_ids_2' (B,77) from the second tokenizer
+and optional 'time_ids' (B,6) = (original size, crop top-left, target size) of each example's crop
+(default (H, W, 0, 0, H, W) of the edited image). The text conditioning is then the pytree
+{'text': both encoders' penultimate states concatenated (B,77,D1+D2), 'pooled': the second
+encoder's projected pooled output (B,P)} (placement.sdxl_prompt_function, as the edit builds it),
+and conditioning dropout replaces both leaves together by the empty prompt's.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from jax import lax
 from ip2p_jax.data.augment import to_float
 from ip2p_jax.diffusion.schedules import PREDICTION_TYPES, add_noise
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.placement import sdxl_prompt_function
 from ip2p_jax.train.dropout import conditioning_dropout
 from ip2p_jax.train.state import TrainState, ema_update, ravel, ravel_size, unravel_like
 
@@ -65,10 +73,15 @@ class StepConfig:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The Flax modules (compute dtype, remat and attention impl already set). vae/text_encoder may be
-    None on the cached path."""
+    None on the cached path; text_encoder_2 (CLIPTextModelWithProjection) makes it an SDXL model."""
     unet: nn.Module
     vae: Optional[nn.Module] = None
     text_encoder: Optional[nn.Module] = None
+    text_encoder_2: Optional[nn.Module] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def example_keys(step_key: jax.Array, example_ids: jax.Array) -> jax.Array:
@@ -78,7 +91,8 @@ def example_keys(step_key: jax.Array, example_ids: jax.Array) -> jax.Array:
 
 def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: dict, batch: dict,
                         post_keys: jax.Array):
-    """-> (target latents z0 (scaled sample), image latents (mode, unscaled), text emb, null text emb)."""
+    """-> (target latents z0 (scaled sample), image latents (mode, unscaled), text emb, null text emb);
+    for SDXL the text and null embeddings are {'text', 'pooled'} pytrees (see the module doc)."""
     if "edited_moments" in batch:  # latent cache
         edited_mean, edited_logvar = jnp.split(batch["edited_moments"].astype(jnp.float32), 2, axis=-1)
         image_latents = jnp.split(batch["input_moments"].astype(jnp.float32), 2, axis=-1)[0]
@@ -94,6 +108,11 @@ def encode_conditioning(models: Models, cfg: StepConfig, params: dict, frozen: d
     eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(post_keys, edited_mean)
     latents = (edited_mean + jnp.exp(0.5 * edited_logvar) * eps) * cfg.scaling_factor
 
+    if models.is_sdxl:   # frozen encoders (build refuses training them)
+        encode = sdxl_prompt_function(models.text_encoder, models.text_encoder_2)
+        text = encode({"text": frozen["text_encoder"], "text_2": frozen["text_encoder_2"]},
+                      (batch["input_ids"], batch["input_ids_2"]))
+        return latents, image_latents, text, frozen["null_embedding"]
     text_params = params.get("text_encoder", frozen.get("text_encoder"))
     if "text_embedding" in batch:
         text = batch["text_embedding"]
@@ -111,7 +130,7 @@ def make_loss_fn(models: Models, cfg: StepConfig) -> Callable:
         keys = example_keys(step_key, batch["example_id"])
         latents, image_latents, text, null = encode_conditioning(models, cfg, params, frozen, batch, keys[:, 0])
         if "text_encoder" not in params:
-            text, null = lax.stop_gradient(text), lax.stop_gradient(null)
+            text, null = jax.tree.map(lax.stop_gradient, (text, null))
         r = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys[:, 3])
         text, image_latents = conditioning_dropout(r, cfg.cond_dropout_prob, text, null, image_latents)
 
@@ -127,9 +146,22 @@ def make_loss_fn(models: Models, cfg: StepConfig) -> Callable:
 
         dt = cfg.compute_dtype
         unet_in = jnp.concatenate([noisy, image_latents], axis=-1).astype(dt)
-        pred = models.unet.apply({"params": params["unet"]}, unet_in, t, text.astype(dt))
+        if models.is_sdxl:
+            pred = models.unet.apply({"params": params["unet"]}, unet_in, t, text["text"].astype(dt),
+                                     text_embeds=text["pooled"].astype(dt), time_ids=sdxl_time_ids(batch))
+        else:
+            pred = models.unet.apply({"params": params["unet"]}, unet_in, t, text.astype(dt))
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
     return loss_fn
+
+
+def sdxl_time_ids(batch: dict) -> jax.Array:
+    """(B, 6) float32 micro-conditioning: the batch's 'time_ids', else (H, W, 0, 0, H, W) of the edited
+    images (an uncropped example)."""
+    if "time_ids" in batch:
+        return batch["time_ids"].astype(jnp.float32)
+    b, h, w = batch["edited_image"].shape[:3]
+    return jnp.tile(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (b, 1))
 
 
 def all_finite(tree) -> jax.Array:

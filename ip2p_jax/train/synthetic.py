@@ -39,14 +39,15 @@ def synthetic_pair(seed: int, index: int, resolution: int) -> tuple[np.ndarray, 
 
 
 class SyntheticPairs:
-    """Iterator of host-local batches {'input_image', 'edited_image' (B,H,W,3), 'input_ids' (B,77)}:
-    images uint8 (the train step scales them on the device) or, with image_dtype="float32", in [-1, 1].
+    """Iterator of host-local batches {'input_image', 'edited_image' (B,H,W,3), 'input_ids' (B,77)}
+    (+ 'input_ids_2' from `tokenizer_2`, SDXL; the pairs are uncropped: no time ids): images uint8
+    (the train step scales them on the device) or, with image_dtype="float32", in [-1, 1].
 
     Batch n on process p holds global examples n * global_batch + p * local_batch + [0, local_batch).
     """
 
     def __init__(self, tokenizer, *, resolution: int, global_batch_size: int, seed: int = 0,
-                 num_examples: int = 0, process_index: int = 0, process_count: int = 1,
+                 num_examples: int = 0, process_index: int = 0, process_count: int = 1, tokenizer_2=None,
                  image_dtype: str = "uint8"):
         if image_dtype not in IMAGE_DTYPES:
             raise SyntheticDataError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
@@ -56,6 +57,7 @@ class SyntheticPairs:
         self.global_batch, self.offset = global_batch_size, process_index * self.local
         self.resolution, self.seed, self.num_examples = resolution, seed, num_examples
         self._tokenize = lambda texts: tokenize(tokenizer, texts)
+        self._tokenize_2 = None if tokenizer_2 is None else (lambda texts: tokenize(tokenizer_2, texts))
         self._next = 0
         self._images = (lambda x: x) if image_dtype == "uint8" else to_float
 
@@ -71,9 +73,12 @@ class SyntheticPairs:
         start = self._next * self.global_batch + self.offset
         pairs = [self.example(i) for i in range(start, start + self.local)]
         self._next += 1
-        return {"input_image": self._images(np.stack([p[0] for p in pairs])),
-                "edited_image": self._images(np.stack([p[1] for p in pairs])),
-                "input_ids": self._tokenize([p[2] for p in pairs])}
+        out = {"input_image": self._images(np.stack([p[0] for p in pairs])),
+               "edited_image": self._images(np.stack([p[1] for p in pairs])),
+               "input_ids": self._tokenize([p[2] for p in pairs])}
+        if self._tokenize_2 is not None:
+            out["input_ids_2"] = self._tokenize_2([p[2] for p in pairs])
+        return out
 
     def get_state(self) -> dict:
         return {"next_batch": self._next}
