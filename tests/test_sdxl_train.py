@@ -23,8 +23,9 @@ from train_helpers import CONFIG, ROOT, run_once, subprocess_env, tokenizer_dir
 STEPS = 3
 # As tests/test_train_parallel.py, only the order of floating-point sums differs (losses agree to ~5e-7
 # relative); Adam's division by sqrt(v) keeps small gradients' rounding in the update, so after 3 steps
-# (largest param change ~9e-3) params differ by up to ~1.1e-5: the tolerance is 2e-5, ~0.2% of that change.
-ATOL = 2e-5
+# (largest param change ~9e-3) params differ by up to ~2.3e-5 (a few leaves whose gradients are near
+# rounding level): the tolerance is 4e-5, ~0.4% of that change.
+ATOL = 4e-5
 
 
 def test_dropout_drops_text_and_pooled_together():
@@ -61,7 +62,12 @@ def _reference_loss(folder, batch, eps, noise, t, r, prob, *, drop_pooled=True, 
 
     pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(folder)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))  # noqa: E731
+    from ip2p_jax.data.augment import to_float
+
+    def nchw(a):   # uint8 batch images -> [-1, 1] as the step scales them; floats as they are
+        a = np.asarray(a)
+        a = to_float(a) if a.dtype == np.uint8 else a
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
     def encode(ids_1, ids_2):
         o1 = pipe.text_encoder(torch.from_numpy(ids_1).long(), output_hidden_states=True)
