@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from train_helpers import CONFIG, ROOT, run_once, subprocess_env, tokenizer_dir
+from train_helpers import CONFIG, ROOT, run_once, tokenizer_dir, worker_result
 
 log = logging.getLogger(__name__)
 ATOL = 1e-5   # as tests/test_train_parallel.py: only the order of fp32 sums differs
@@ -176,11 +175,7 @@ def worker(out_path: str, tok: str) -> None:
 
 def _compute(folder: str) -> dict:
     out = os.path.join(folder, "out.json")
-    proc = subprocess.run([sys.executable, __file__, out, tokenizer_dir(folder)], env=subprocess_env(devices=4),
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_result(__file__, [out, tokenizer_dir(folder)], out, devices=4)
 
 
 @pytest.mark.parametrize("name", ["pmap", "fsdp"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tiny
-from train_helpers import CONFIG, ROOT, run_once, subprocess_env, tokenizer_dir
+from train_helpers import CONFIG, ROOT, run_once, subprocess_env, tokenizer_dir, worker_result
 
 STEPS = 3
 # As tests/test_train_parallel.py, only the order of floating-point sums differs (losses agree to ~5e-7
@@ -216,11 +216,7 @@ def worker(out_path: str, tok: str) -> None:
 
 def _compute_parallel(folder: str) -> dict:
     out = os.path.join(folder, "out.json")
-    proc = subprocess.run([sys.executable, __file__, "worker", out, tokenizer_dir(folder)],
-                          env=subprocess_env(devices=4), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_result(__file__, ["worker", out, tokenizer_dir(folder)], out, devices=4)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow   # ~40 s of CPU (three compiles); `make test-slow`
 
-from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
+from train_helpers import ROOT, run_once, tiny_config, tokenizer_dir, worker_result
 
 
 def worker(tmp: str, tok: str, out: str) -> None:
@@ -66,11 +65,7 @@ def worker(tmp: str, tok: str, out: str) -> None:
 
 def _compute(tmp: str) -> dict:
     out = os.path.join(tmp, "out.json")
-    proc = subprocess.run([sys.executable, __file__, tmp, tokenizer_dir(tmp), out], env=subprocess_env(),
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_result(__file__, [tmp, tokenizer_dir(tmp), out], out, timeout=600)
 
 
 @pytest.fixture(scope="module")

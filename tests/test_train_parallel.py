@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from train_helpers import ROOT, run_once, subprocess_env, tiny_config, tokenizer_dir
+from train_helpers import ROOT, run_once, tiny_config, tokenizer_dir, worker_result
 
 STEPS = 3
 # fp32 everywhere; the runs differ only in the order of floating-point sums (over devices and
@@ -107,11 +106,7 @@ def worker(out_path: str, tokenizer_dir: str) -> None:
 
 def _compute(folder: str) -> dict:
     out = os.path.join(folder, "out.json")
-    proc = subprocess.run([sys.executable, __file__, out, tokenizer_dir(folder)], env=subprocess_env(devices=4),
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_result(__file__, [out, tokenizer_dir(folder)], out, devices=4)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +45,15 @@ def finish(procs, timeout: float = 300) -> list[str]:
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     return outputs
+
+
+def worker_result(script: str, args: list, out: str, *, devices: int = 1, timeout: float = 900) -> dict:
+    """Run `python script *args` (a test module's worker) and return the JSON it wrote to `out`."""
+    proc = subprocess.run([sys.executable, script, *args], env=subprocess_env(devices=devices), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
 
 
 def logged_writes(log) -> list:
