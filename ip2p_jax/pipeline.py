@@ -781,17 +781,19 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance
     # pixels (B, H, W, 3) float32 has the output's shape: donate it so XLA can reuse the buffer.
     donate = () if jax.default_backend() == "cpu" else (2,)
     shardings = (rep, rep, batch, batch, rep, batch, batch, batch, batch) + (batch, batch) * masked
-    return jax.jit(edit, in_shardings=shardings, out_shardings=batch, donate_argnums=donate)
+    return jax.jit(sharding.traced_on(mesh, edit), in_shardings=shardings, out_shardings=batch,
+                   donate_argnums=donate)
 
 
 def _make_local_text_function(text_encoder, mesh: Mesh):
     """The text encoder over batch-sharded token ids (each process's own rows)."""
-    return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.batch_sharding(mesh))
+    return jax.jit(sharding.traced_on(mesh, lambda p, ids: text_encoder.apply({"params": p}, ids)),
+                   out_shardings=sharding.batch_sharding(mesh))
 
 
 def _make_local_sdxl_function(text_encoder, text_encoder_2, mesh: Mesh):
     """SDXL's text conditioning over batch-sharded token id pairs (each process's own rows)."""
-    return jax.jit(placement.sdxl_prompt_function(text_encoder, text_encoder_2),
+    return jax.jit(sharding.traced_on(mesh, placement.sdxl_prompt_function(text_encoder, text_encoder_2)),
                    out_shardings=sharding.batch_sharding(mesh))
 
 

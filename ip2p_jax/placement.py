@@ -67,7 +67,8 @@ def place_params(tree: Any, dtype, mesh: Mesh | None = None) -> Any:
 
 
 def _text_function(text_encoder: CLIPTextModel, mesh: Mesh):
-    return jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids), out_shardings=sharding.replicated(mesh))
+    return jax.jit(sharding.traced_on(mesh, lambda p, ids: text_encoder.apply({"params": p}, ids)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def sdxl_prompt_function(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection):
@@ -84,7 +85,8 @@ def sdxl_prompt_function(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextMo
 
 
 def _sdxl_prompt_jit(text_encoder, text_encoder_2, mesh: Mesh):
-    return jax.jit(sdxl_prompt_function(text_encoder, text_encoder_2), out_shardings=sharding.replicated(mesh))
+    return jax.jit(sharding.traced_on(mesh, sdxl_prompt_function(text_encoder, text_encoder_2)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 @dataclasses.dataclass

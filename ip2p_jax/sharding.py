@@ -6,8 +6,9 @@ multiple of the device count) and unpadded after.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +25,17 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if devices is None:
         return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=(AxisType.Auto,))
     return Mesh(np.asarray(devices), (DATA,), axis_types=(AxisType.Auto,))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` as the context mesh (jax.sharding.get_abstract_mesh()): what the Pallas
+    attention needs to run per shard of the batch instead of on the whole, replicated batch (an XLA
+    custom call cannot be partitioned). jit's in/out shardings are unchanged."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

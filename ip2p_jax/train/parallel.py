@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ip2p_jax import sharding
 from ip2p_jax.errors import Ip2pError
 from ip2p_jax.train.state import TrainState, abstract_train_state, create_train_state, ravel_size
 from ip2p_jax.train.step import make_train_step, make_update_step
@@ -213,7 +214,9 @@ class MeshRunner:
     def _compile(self):
         flat = NamedSharding(self.mesh, fsdp_spec((self._flat_size,), self.fsdp, self.min_size))
         step = build_step(self._models, self._step_cfg, self.tx, self._lr, self._loss_fn, flat_sharding=flat)
-        return jax.jit(step, in_shardings=(self._state_sh, self._frozen_sh, self.batch_sharding),
+        # traced on the mesh: the Pallas attention then runs per batch shard (models.pallas_attention)
+        return jax.jit(sharding.traced_on(self.mesh, step),
+                       in_shardings=(self._state_sh, self._frozen_sh, self.batch_sharding),
                        out_shardings=(self._state_sh, self.replicated), donate_argnums=(0,))
 
     def step(self, state, frozen, batch):
