@@ -30,6 +30,7 @@ from ip2p_jax import images as imlib
 from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import ScheduleError, noise_schedule_from_config
 from ip2p_jax.errors import Ip2pError
+from ip2p_jax.models.unet import step_embeddings
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import MAX_LENGTH
 from ip2p_jax.weights import load
@@ -756,11 +757,14 @@ def _make_edit_function(unet, vae, scaling: float, mesh: Mesh, branches=guidance
             mode * image_latent_scale if image_latent_scale != 1.0 else mode, batch)
         noise = jax.lax.with_sharding_constraint(init_noise.astype(jnp.float32), batch)
 
-        def model_fn(x, t, text):   # the guidance batch: rows [cond, image-only, uncond] (or `branches`) per example
+        step_temb = step_embeddings(unet, params["unet"], plan.timesteps)   # (steps, D): once, not per step
+
+        def model_fn(x, t, text, i):   # the guidance batch: rows [cond, image-only, uncond] (or `branches`) per example
+            temb = step_temb[i][None]
             if isinstance(text, dict):   # SDXL
                 return unet.apply({"params": params["unet"]}, x, t, text["text"], text_embeds=text["pooled"],
-                                  time_ids=text["time_ids"])
-            return unet.apply({"params": params["unet"]}, x, t, text)
+                                  time_ids=text["time_ids"], temb=temb)
+            return unet.apply({"params": params["unet"]}, x, t, text, temb=temb)
 
         eps_fn = guidance.guided_eps_fn(model_fn, image_latents, cond, null, text_scale, image_scale, branches,
                                         guidance_rescale)

@@ -433,7 +433,7 @@ def test_guided_eps_fn_formula_and_per_example_sampling():
     cond = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
     null = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
 
-    def model_fn(x, t, text):  # depends on every input; (3B, h, w, 8) -> (3B, h, w, 4)
+    def model_fn(x, t, text, i):  # depends on every input; (3B, h, w, 8) -> (3B, h, w, 4)
         text_term = text.mean(axis=1)[:, None, None, :] * jnp.cos(t / 300)[:, None, None, None]
         return 0.3 * x[..., :4] - 0.2 * x[..., 4:] + text_term
 
@@ -441,7 +441,7 @@ def test_guided_eps_fn_formula_and_per_example_sampling():
     s_t, s_i = jnp.array([7.5, 6.0]), jnp.array([1.5, 1.8])
     # one call: the three branches, then the formula
     t = jnp.float32(500.0)
-    call = lambda lat, emb: model_fn(lat, jnp.full((2,), t), emb)
+    call = lambda lat, emb: model_fn(lat, jnp.full((2,), t), emb, 0)
     e_cond = call(jnp.concatenate([x, img], -1), cond)
     e_img = call(jnp.concatenate([x, img], -1), jnp.broadcast_to(null, cond.shape))
     e_unc = call(jnp.concatenate([x, jnp.zeros_like(img)], -1), jnp.broadcast_to(null, cond.shape))

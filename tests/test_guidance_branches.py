@@ -12,7 +12,7 @@ from ip2p_jax.pipeline import EditPipeline
 from ip2p_jax.weights import load
 
 
-def fake_model(x, t, text):
+def fake_model(x, t, text, i):
     """Any per-row function of (latents, timestep, text) stands in for the UNet."""
     return jnp.tanh(x[..., :4] * 1.3 + x[..., 4:] * 0.7) + jnp.mean(text, axis=(1, 2))[:, None, None, None] + t[:, None, None, None] * 1e-3
 

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 import tiny
 from ip2p_jax.models.config import ConfigError
-from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params, step_embeddings
 from ip2p_jax.weights.naming import torch_to_flax
 
 SD15_IP2P = dict(
@@ -87,6 +87,25 @@ def test_sd1_in8_matches_diffusers():
     ref = torch_forward(m, x, t, ctx)
     assert out.shape == ref.shape == (batch, *hw, 4)
     assert rel_err(out, ref) <= 1e-4
+
+
+def test_precomputed_step_embeddings_equal_diffusers():
+    """step_embeddings for a plan's timesteps, row i passed as temb=, gives the UNet's output at
+    timestep i (diffusers' forward); the wrong step's row does not (negative control)."""
+    name, batch, hw = SD1_CASE
+    m, cfg, params = reference(name)
+    x, _, ctx = inputs(cfg, batch, hw)
+    model = UNet2DConditionModel(cfg, attention_impl="xla")
+    timesteps = np.asarray([999.0, 712.5, 40.0], np.float32)
+    table = step_embeddings(model, params, timesteps)
+    assert table.shape == (3, 4 * cfg.block_out_channels[0])
+    run = jax.jit(lambda p, x, ctx, temb: model.apply({"params": p}, x, None, ctx, temb=temb),
+                  compiler_options=FAST_COMPILE)
+    for i in (0, 2):
+        ref = torch_forward(m, x, np.full(batch, timesteps[i]), ctx)
+        assert rel_err(run(params, x, ctx, table[i][None]), ref) <= 1e-4
+    ref = torch_forward(m, x, np.full(batch, timesteps[0]), ctx)
+    assert rel_err(run(params, x, ctx, table[2][None]), ref) > 1e-2
 
 
 def test_sd2_odd_size_matches_diffusers():

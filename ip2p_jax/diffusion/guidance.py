@@ -19,7 +19,7 @@ the guided eps' per-example std back toward e_cond's.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -153,23 +153,22 @@ def _combine(eps: jax.Array, text_scale, image_scale, branches) -> jax.Array:
     return e_uncond + s_t * (e_cond - e_img) + s_i * (e_img - e_uncond)
 
 
-def guided_eps_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+def guided_eps_fn(model_fn: Callable[[jax.Array, jax.Array, Any, jax.Array], jax.Array],
                   image_latents: jax.Array, cond_emb: jax.Array, null_emb: jax.Array,
                   text_scale, image_scale, branches=FULL,
                   guidance_rescale: float = 0.0) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """The `eps_fn(model_input, timestep, i)` samplers.sample needs, from a 3-way-batch model
-    (the step index i is not used).
+    """The `eps_fn(model_input, timestep, i)` samplers.sample needs, from a 3-way-batch model.
 
-    model_fn(latents (kB, h, w, 2C), timesteps (kB,), text) -> eps (kB, h, w, C), k the number of
+    model_fn(latents (kB, h, w, 2C), timesteps (kB,), text, i) -> eps (kB, h, w, C), k the number of
     branches (3, or fewer from branches_for); text is the expand_conditioning of cond_emb / null_emb
-    ((kB, L, D), or SDXL's dict). It is expanded once, outside the sampling loop body.
+    ((kB, L, D), or SDXL's dict), expanded once, outside the sampling loop body; i is the step index
+    (the edit looks up its precomputed time embedding with it).
     """
     text = expand_conditioning(cond_emb, null_emb, branches)
 
     def eps_fn(noisy_scaled: jax.Array, timestep: jax.Array, i: jax.Array) -> jax.Array:
-        del i   # guidance is the same at every step
         x = expand_latents(noisy_scaled, image_latents, branches)
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
-        return combine(model_fn(x, t, text), text_scale, image_scale, branches, guidance_rescale)
+        return combine(model_fn(x, t, text, i), text_scale, image_scale, branches, guidance_rescale)
 
     return eps_fn

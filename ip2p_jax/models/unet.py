@@ -186,6 +186,24 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
+def _time_mlp(config: UNetConfig, dtype, name: str | None = None) -> TimestepEmbedding:
+    return TimestepEmbedding(4 * config.block_out_channels[0], config.act_fn, dtype, name=name)
+
+
+def _time_sinusoids(config: UNetConfig, timesteps: jax.Array, dtype) -> jax.Array:
+    return timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos,
+                              config.freq_shift).astype(dtype)
+
+
+def step_embeddings(unet: "UNet2DConditionModel", params: dict, timesteps: jax.Array) -> jax.Array:
+    """The UNet's time embedding of each of `timesteps` (n,) -> (n, 4 * block_out_channels[0]): what
+    __call__ computes first from its timesteps, done once for every sampler step (the edit passes
+    row i as `temb=`, so the loop body does not rerun the sinusoids and the MLP)."""
+    c = unet.config
+    return _time_mlp(c, unet.dtype).apply({"params": params["time_embedding"]},
+                                          _time_sinusoids(c, jnp.asarray(timesteps), unet.dtype))
+
+
 class _Block(nn.Module):
     """Shared settings of the UNet's blocks; subclasses build diffusers' block layouts."""
     stage: Stage
@@ -279,6 +297,8 @@ class UNet2DConditionModel(nn.Module):
     """Noise prediction eps(sample, t, text). NHWC sample (B, h, w, in_channels), timesteps (B,) or
     scalar, encoder_hidden_states (B, L, cross_attention_dim) -> (B, h, w, out_channels) in `dtype`.
 
+    temb: optional precomputed time embedding (B or 1, 4 * block_out_channels[0]) from step_embeddings,
+    used instead of embedding `timesteps` (the SDXL text_time embedding is still added).
     self_attn_source: optional int (B,); row b takes every self-attention's probabilities from row
     self_attn_source[b] (prompt-to-prompt injection; needs the "xla" attention path).
     remat: what each block keeps for the backward pass (REMAT_POLICIES): "none" (everything),
@@ -292,7 +312,7 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, self_attn_source=None, text_embeds=None,
-                 time_ids=None):
+                 time_ids=None, temb=None):
         c, dtype = self.config, self.dtype
         wrap = remat_wrapper(self.remat)
         common = dict(config=c, attention_impl=self.attention_impl, dtype=dtype)
@@ -302,9 +322,11 @@ class UNet2DConditionModel(nn.Module):
         x = sample.astype(dtype)
         if c.center_input_sample:
             x = 2 * x - 1.0
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
-        temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).astype(dtype)
-        temb = TimestepEmbedding(4 * c.block_out_channels[0], c.act_fn, dtype, name="time_embedding")(temb)
+        if temb is None:
+            t = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
+            temb = _time_mlp(c, dtype, "time_embedding")(_time_sinusoids(c, t, dtype))
+        else:   # precomputed (step_embeddings); one row serves the whole batch
+            temb = jnp.broadcast_to(jnp.asarray(temb, dtype), (x.shape[0], temb.shape[-1]))
         if c.text_time:
             temb = temb + self._added_embedding(text_embeds, time_ids, x.shape[0])
         context = encoder_hidden_states.astype(dtype)
@@ -337,7 +359,7 @@ class UNet2DConditionModel(nn.Module):
         times = timestep_embedding(jnp.reshape(time_ids, (-1,)), c.addition_time_embed_dim, c.flip_sin_to_cos,
                                    c.freq_shift).reshape(batch, -1)
         added = jnp.concatenate([text_embeds.astype(jnp.float32), times], axis=-1).astype(self.dtype)
-        return TimestepEmbedding(4 * c.block_out_channels[0], c.act_fn, self.dtype, name="add_embedding")(added)
+        return _time_mlp(c, self.dtype, "add_embedding")(added)
 
 
 def abstract_params(config: UNetConfig) -> dict:
