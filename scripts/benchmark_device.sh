@@ -13,6 +13,11 @@ PY=${PY:-python3}
 OUT=${OUT_DIR:-bench_out}
 MODE=${1:-device}
 mkdir -p "$OUT" && rm -f "$OUT"/*.jsonl
+# The GPU flags under test (README "Speed"): CUDA-graph command buffers that also take in the
+# sampling while loop, and the latency-hiding scheduler. Timed as a variant of our edit, not set
+# anywhere else until a run shows they help.
+GPU_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+--xla_gpu_enable_latency_hiding_scheduler=true"
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -26,6 +31,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 case "$MODE" in
   --tiny)
     stage ours_edit 300 "$PY" scripts/benchmark_edit.py --tiny --repeats 1
+    XLA_FLAGS="${XLA_FLAGS:-} $GPU_FLAGS" stage ours_edit_flags 300 "$PY" scripts/benchmark_edit.py --tiny \
+      --repeats 1 --batches 1 --label "ip2p_jax +GPU flags"
     stage peer_edit 300 "$PY" scripts/peer_edit.py --tiny --repeats 1
     stage ours_train 300 "$PY" scripts/benchmark_train.py --tiny --batches 2 --steps 2
     stage peer_train 300 "$PY" scripts/peer_train.py --tiny --batches 2 --steps 2 ;;
@@ -33,13 +40,15 @@ case "$MODE" in
     stage ours_edit 900 "$PY" scripts/benchmark_edit.py --model ip2p_jax/demo_model --batches 1,4,16
     stage peer_edit 900 "$PY" scripts/peer_edit.py --model ip2p_jax/demo_model --batches 1,4,16 ;;
   device)
-    stage ours_edit 105 "$PY" scripts/benchmark_edit.py --batches 1,16
+    stage ours_edit 100 "$PY" scripts/benchmark_edit.py --batches 1,16
+    XLA_FLAGS="${XLA_FLAGS:-} $GPU_FLAGS" stage ours_edit_flags 45 "$PY" scripts/benchmark_edit.py --batches 1 \
+      --label "ip2p_jax +GPU flags"
     stage peer_edit 50 "$PY" scripts/peer_edit.py --batches 1,16
-    stage peer_edit_compiled_1 70 "$PY" scripts/peer_edit.py --batches 1 --compile --repeats 2
-    stage peer_edit_compiled_16 85 "$PY" scripts/peer_edit.py --batches 16 --compile --repeats 2
-    stage ours_train_cached 60 "$PY" scripts/benchmark_train.py --res 256 --batches 64 --cached
-    stage ours_train 60 "$PY" scripts/benchmark_train.py --res 256 --batches 64
-    stage peer_train 50 "$PY" scripts/peer_train.py --res 256 --batches 64 ;;
+    stage peer_edit_compiled_1 65 "$PY" scripts/peer_edit.py --batches 1 --compile --repeats 2
+    stage peer_edit_compiled_16 75 "$PY" scripts/peer_edit.py --batches 16 --compile --repeats 2
+    stage ours_train_cached 50 "$PY" scripts/benchmark_train.py --res 256 --batches 64 --cached
+    stage ours_train 50 "$PY" scripts/benchmark_train.py --res 256 --batches 64
+    stage peer_train 45 "$PY" scripts/peer_train.py --res 256 --batches 64 ;;
   *) echo "usage: $0 [--tiny|--demo]" >&2; exit 2 ;;
 esac
 "$PY" scripts/benchmark_table.py "$OUT"/*.jsonl

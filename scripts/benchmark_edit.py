@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default="euler_a")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on GPU/TPU, fp32 on CPU)")
-    ap.add_argument("--attention", default="auto", help="attention_impl: auto | xla | cudnn")
+    ap.add_argument("--attention", default="auto", help="attention_impl: auto | xla | cudnn | pallas")
+    ap.add_argument("--label", default="ip2p_jax", help="the rows' impl name (a variant, e.g. run with other XLA "
+                                                         "flags, gets its own table row)")
     ap.add_argument("--model", default=None, help="a model folder to time instead of random SD 1.5 weights "
                                                    "(e.g. ip2p_jax/demo_model; --res then defaults to its own)")
     a = ap.parse_args(argv)
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     jax.block_until_ready(pipe.params)
     init_s = time.perf_counter() - t0
     dev = jax.devices()[0]
-    info = {"impl": "ip2p_jax", "device": getattr(dev, "device_kind", dev.platform), "devices": jax.device_count(),
+    info = {"impl": a.label, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "device": getattr(dev, "device_kind", dev.platform), "devices": jax.device_count(),
             "jax": jax.__version__, "dtype": dtype.name, "attention": a.attention, "steps": a.steps, "res": res,
             "sampler": a.sampler, "tiny": a.tiny, "model": a.model or "random SD 1.5"}
     print(json.dumps({**info, "params_init_s": round(init_s, 2)}), flush=True)

@@ -27,20 +27,27 @@ def fmt(x, digits=2):
 
 
 def edit_table(rows) -> list[str]:
+    """One row per batch, plus one per variant of ours (benchmark_edit --label, e.g. other XLA flags)."""
     edits = [r for r in rows if "images_per_s" in r]
     out = ["| edit, batch | ip2p_jax img/s | diffusers eager | diffusers compiled | ours ÷ best peer | ours MFU "
            "| peer MFU | ours peak GiB | peer peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    variants = sorted({r["impl"] for r in edits if r["impl"].startswith("ip2p_jax ")})
+    ours_labels = ["ip2p_jax"] + variants
     for b in sorted({r["batch"] for r in edits}):
-        ours = next((r for r in edits if r["batch"] == b and r["impl"] == "ip2p_jax"), None)
         eager = next((r for r in edits if r["batch"] == b and r["impl"] == "diffusers eager"), None)
         comp = next((r for r in edits if r["batch"] == b and r["impl"] == "diffusers compiled"), None)
         peers = [p for p in (eager, comp) if p]
         best = max(peers, key=lambda p: p["images_per_s"]) if peers else None
-        ratio = ours["images_per_s"] / best["images_per_s"] if ours and best else None
-        out.append(f"| {b} | {fmt(ours and ours['images_per_s'])} | {fmt(eager and eager['images_per_s'])} "
-                   f"| {fmt(comp and comp['images_per_s'])} | {fmt(ratio)}× | {fmt(ours and ours.get('mfu'), 3)} "
-                   f"| {fmt(best and best.get('mfu'), 3)} | {fmt(ours and ours.get('peak_mem_gib'))} "
-                   f"| {fmt(best and best.get('peak_mem_gib'))} |")
+        for label in ours_labels:
+            ours = next((r for r in edits if r["batch"] == b and r["impl"] == label), None)
+            if ours is None and label != "ip2p_jax":
+                continue
+            name = str(b) if label == "ip2p_jax" else f"{b} ({label.removeprefix('ip2p_jax').strip()})"
+            ratio = ours["images_per_s"] / best["images_per_s"] if ours and best else None
+            out.append(f"| {name} | {fmt(ours and ours['images_per_s'])} | {fmt(eager and eager['images_per_s'])} "
+                       f"| {fmt(comp and comp['images_per_s'])} | {fmt(ratio)}× | {fmt(ours and ours.get('mfu'), 3)} "
+                       f"| {fmt(best and best.get('mfu'), 3)} | {fmt(ours and ours.get('peak_mem_gib'))} "
+                       f"| {fmt(best and best.get('peak_mem_gib'))} |")
     return out
 
 
