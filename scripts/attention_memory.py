@@ -2,14 +2,12 @@
 """Memory of one SD 1.5-size InstructPix2Pix UNet step (3-way batch, 512² images) with the
 attention forced to XLA vs the Pallas TPU kernel. Slow; not a test.
 
-  python scripts/attention_memory.py [--images 16] [--platform tpu] [--compile] [--interpret]
+  python scripts/attention_memory.py [--images 16] [--platform tpu] [--compile]
 
 For each impl: lowers the step for --platform (jax.export; works on any host for "tpu") and
 reports the largest tensor in the program (the XLA path holds (3B, 8, 4096, 4096) fp32 scores;
 the kernel path none of that size). With --compile (only on a host of that platform) it also
-prints compiled.memory_analysis() temp bytes. --interpret compiles for this host instead, the
-kernel in Pallas interpret mode (its blockwise loop, as XLA would lay out that program here): the
-temp-bytes figure a CPU machine can give. Prints one JSON object per impl.
+prints compiled.memory_analysis() temp bytes. Prints one JSON object per impl.
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.models import pallas_attention
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
 
 SD15_IP2P = dict(sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
@@ -45,10 +42,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--platform", default="tpu")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--interpret", action="store_true", help="compile for this host, the kernel interpreted")
     args = ap.parse_args()
-    if args.interpret:
-        pallas_attention.INTERPRET = True
     cfg = UNetConfig.from_dict(SD15_IP2P)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract_params(cfg))
     rows = 3 * args.images
@@ -63,11 +57,9 @@ def main() -> None:
         shape, size = largest_tensor(text)
         out = {"impl": impl, "platform": args.platform, "images": args.images, "largest_tensor": shape,
                "largest_tensor_gib": round(size / 2 ** 30, 3), "tpu_custom_call": "tpu_custom_call" in text}
-        if args.compile or args.interpret:
+        if args.compile:
             mem = step.lower(params, x, t, ctx).compile().memory_analysis()
             out["temp_bytes"] = getattr(mem, "temp_size_in_bytes", None)
-            out["temp_gib"] = round(out["temp_bytes"] / 2 ** 30, 3) if out["temp_bytes"] is not None else None
-            out["compiled_for"] = jax.default_backend() + (" (kernel interpreted)" if args.interpret else "")
         print(json.dumps(out), flush=True)
 
 
