@@ -25,29 +25,42 @@ class OutputError(Ip2pError):
     """An output folder that cannot be written (not a folder, read-only, full)."""
 
 
+def writable_parent(path: str, error: type[Exception] | None = None) -> str:
+    """The nearest existing folder at or above `path` (to be created or not), after checking that it
+    is a folder and that a file can be written in it; `error` (default OutputError) names `path`."""
+    error = error or OutputError
+    parent = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise error(f"{path}: {parent} is a file, not a folder")
+    try:   # os.access is wrong for root and for read-only mounts: try a write
+        fd, probe = tempfile.mkstemp(prefix=".ip2p_jax-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise error(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
+    return parent
+
+
+def free_bytes(folder: str) -> int | None:
+    """Free bytes for an unprivileged writer in `folder`, or None where statvfs cannot tell (Windows)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def check_output_dir(path: str, *, min_free_bytes: int = 1 << 20) -> None:
     """Refuse, before any work, an output folder (existing or to be created) that cannot be written:
     not a folder, under a file, read-only, or nearly full. Creates nothing."""
     target = os.path.abspath(os.fspath(path))
     if os.path.lexists(target) and not os.path.isdir(target):
         raise OutputError(f"{path}: exists and is not a folder")
-    parent = target
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputError(f"{path}: {parent} is a file, not a folder")
-    try:   # os.access is wrong for root and for read-only mounts: try a write
-        fd, probe = tempfile.mkstemp(prefix=".ip2p_jax-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
-    try:
-        st = os.statvfs(parent)
-        free = st.f_bavail * st.f_frsize
-    except (OSError, AttributeError):   # no statvfs: the writes themselves will tell
-        return
-    if free < min_free_bytes:
+    parent = writable_parent(path)
+    free = free_bytes(parent)
+    if free is not None and free < min_free_bytes:   # None: the writes themselves will tell
         raise OutputError(f"{path}: {parent} has only {free / 1e6:.1f} MB free")
 
 

@@ -256,7 +256,7 @@ class EditPipeline:
     @property
     def num_local_devices(self) -> int:
         """Devices of the mesh that belong to this process."""
-        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        return sharding.local_size(self.mesh)
 
     # ------------------------------------------------------------------ compiled pieces
 

@@ -51,6 +51,11 @@ def data_size(mesh: Mesh) -> int:
     return mesh.shape[DATA]
 
 
+def local_size(mesh: Mesh) -> int:
+    """Devices of the mesh that belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def padded_size(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n (and >= multiple)."""
     return max(1, -(-n // multiple)) * multiple

@@ -110,7 +110,7 @@ def test_non_finite_weights_are_refused(components, tmp_path):
 def test_out_paths_that_cannot_be_written(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("x")
     run = str(tmp_path / "run")
-    for out, why in [(tmp_path / "file", "not a folder"), (tmp_path / "file" / "sub", "is not a folder")]:
+    for out, why in [(tmp_path / "file", "not a folder"), (tmp_path / "file" / "sub", "is a file, not a folder")]:
         assert cli.main(["export", "--workdir", run, "--out", str(out)]) == 2
         assert why in capsys.readouterr().err
     # a read-only folder (tests may run as root, where chmod does not stop writes: refuse the create)

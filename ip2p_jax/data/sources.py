@@ -265,7 +265,28 @@ def _text_prompt_id(row: dict) -> str:
     return f"p{prompt_hash(key):016x}"
 
 
-class ParquetSource:
+class _FileSource:
+    """A source read file by file (`self.files` under `self.root`); subclasses define scan_unit."""
+
+    root: str
+    files: list[str]
+
+    def _name(self, file: str) -> str:
+        return os.path.relpath(file, self.root) if os.path.isdir(self.root) else os.path.basename(file)
+
+    def units(self) -> list[str]:
+        """Independent pieces of the source (its files), for parallel builds."""
+        return list(self.files)
+
+    def scan(self) -> Iterator[Pair | Rejection]:
+        for file in self.files:
+            yield from self.scan_unit(file)
+
+    def scan_unit(self, file: str) -> Iterator[Pair | Rejection]:
+        raise NotImplementedError
+
+
+class ParquetSource(_FileSource):
     """Parquet files with the Hugging Face columns (original_prompt, original_image, edit_prompt,
     edited_prompt, edited_image) or diffusers' (input_image, edit_prompt, edited_image). Image
     cells are `{bytes, path}` structs or plain binary; a path-only cell is read relative to the file."""
@@ -281,9 +302,6 @@ class ParquetSource:
         self.root = os.fspath(path)
         self.files = _files(self.root, ".parquet", "parquet")
         self._columns: dict[str, dict[str, str] | Rejection] = {}
-
-    def _name(self, file: str) -> str:
-        return os.path.relpath(file, self.root) if os.path.isdir(self.root) else os.path.basename(file)
 
     def _mapping(self, file: str) -> dict[str, str] | Rejection:
         """field -> column for `file`, or a Rejection of the whole file."""
@@ -335,14 +353,6 @@ class ParquetSource:
         if isinstance(cell, (bytes, bytearray)):
             return bytes(cell)
         raise Reject("bad image cell", f"{what} is {type(cell).__name__}, expected a {{bytes, path}} struct or binary")
-
-    def units(self) -> list[str]:
-        """Independent pieces of the source (its files), for parallel builds."""
-        return list(self.files)
-
-    def scan(self) -> Iterator[Pair | Rejection]:
-        for file in self.files:
-            yield from self.scan_unit(file)
 
     def scan_unit(self, file: str) -> Iterator[Pair | Rejection]:
         mapping = self._mapping(file)
@@ -423,7 +433,7 @@ class MagicBrushSource(ParquetSource):
 
 # ---------------------------------------------------------------- jsonl
 
-class JsonlSource:
+class JsonlSource(_FileSource):
     """One JSON object per line: input_image, edited_image (paths relative to the .jsonl file),
     instruction, optional input_caption / edited_caption, optional prompt_id (default: the
     input image path, so all edits of one input image share a split)."""
@@ -433,9 +443,6 @@ class JsonlSource:
     def __init__(self, path: str):
         self.root = os.fspath(path)
         self.files = _files(self.root, ".jsonl", "jsonl")
-
-    def _name(self, file: str) -> str:
-        return os.path.relpath(file, self.root) if os.path.isdir(self.root) else os.path.basename(file)
 
     def _records(self, file: str) -> Iterator[tuple[str, dict | Rejection]]:
         name = self._name(file)
@@ -470,14 +477,6 @@ class JsonlSource:
             for _, obj in self._records(file):
                 if isinstance(obj, dict):
                     yield self._prompt_id(obj)
-
-    def units(self) -> list[str]:
-        """Independent pieces of the source (its files), for parallel builds."""
-        return list(self.files)
-
-    def scan(self) -> Iterator[Pair | Rejection]:
-        for file in self.files:
-            yield from self.scan_unit(file)
 
     def scan_unit(self, file: str) -> Iterator[Pair | Rejection]:
         base = os.path.dirname(os.path.abspath(file))

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ip2p_jax.files import write_text
+from ip2p_jax.files import free_bytes, writable_parent, write_text
 from ip2p_jax.weights.naming import WeightsError
 
 MARKER = ".ip2p_jax_model"
@@ -66,24 +66,10 @@ def check_output_folder(path: str, *, overwrite: bool = False, protect: Iterable
                                "refusing to replace it - choose a new or empty folder")
         if entries and not overwrite:
             raise WeightsError(f"{path}: already exists (choose another output, or --overwrite to replace it)")
-    parent = os.path.dirname(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise WeightsError(f"{path}: {parent} is not a folder")
-    try:   # writable? (os.access is wrong for root and for read-only mounts: try it)
-        fd, probe = tempfile.mkstemp(prefix=".ip2p_jax-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
+    parent = writable_parent(path, WeightsError)
     if need_bytes:
-        try:
-            st = os.statvfs(parent)
-            free = st.f_bavail * st.f_frsize
-        except (OSError, AttributeError):   # no statvfs (Windows): the write itself will tell
-            free = need_bytes
-        if free < need_bytes:
+        free = free_bytes(parent)
+        if free is not None and free < need_bytes:   # None: the write itself will tell
             raise WeightsError(f"{path}: needs about {need_bytes / 1e6:.1f} MB, {parent} has "
                                f"{free / 1e6:.1f} MB free")
     return path

@@ -144,7 +144,7 @@ class PairSampler:
     @property
     def num_local_devices(self) -> int:
         """Devices of the mesh that belong to this process."""
-        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        return sharding.local_size(self.mesh)
 
     def plan(self, steps: int, sampler: str = "euler_a", schedule: str | None = None) -> samplers.Plan:
         """Sampler plan for this model's training betas (euler_a + "kdiffusion" = the authors')."""
