@@ -320,7 +320,7 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
         with gr.Tab("Edit"):
             steps, resolution, sampler, seed, randomize_seed = common_inputs()
             with gr.Row():
-                text_scale = gr.Number(value=7.5, label="Text CFG")
+                text_scale = gr.Number(value=pipe.default_text_scale, label="Text CFG")
                 image_scale = gr.Number(value=1.5, label="Image CFG")
                 randomize_scales = gr.Checkbox(value=False, label="Randomize CFG")
                 samples = gr.Slider(1, limits.max_samples, value=1, step=1, label="Samples")
@@ -356,7 +356,7 @@ def build_ui(pipe, limits: Limits, *, steps_default: int, out_root: str | None =
                         "to continue from it. Continuing from an earlier turn drops the turns after it.")
             t_steps, t_res, t_sampler, t_seed, t_rand = common_inputs()
             with gr.Row():
-                t_text_scale = gr.Number(value=7.5, label="Text CFG")
+                t_text_scale = gr.Number(value=pipe.default_text_scale, label="Text CFG")
                 t_image_scale = gr.Number(value=1.5, label="Image CFG")
                 from_turn = gr.Number(value=0, precision=0, label="Continue from turn", elem_id="from_turn")
             go_turn = gr.Button("Apply to that turn", variant="primary", elem_id="apply_turn")

@@ -186,14 +186,16 @@ def is_complete(out: str, row_id: str) -> bool:
 # ---------------------------------------------------------------- the job
 
 def run_job(pipe: EditPipeline, rows: Sequence[Row], out: str, *, steps: int, sampler: str = "euler_a",
-            schedule: str | None = None, text_scale: float = 7.5, image_scale: float = 1.5,
+            schedule: str | None = None, text_scale: float | None = None, image_scale: float = 1.5,
             resolution: int | None = None, resize: str = "authors", bad: Sequence[BadRow] = (),
             strict: bool = False, per_device_batch: int = PER_DEVICE_BATCH, rows_are_local: bool = False,
             max_pixels: int = imlib.DEFAULT_MAX_PIXELS, max_edit_pixels: int = imlib.DEFAULT_MAX_EDIT_PIXELS,
             show_progress: bool = True) -> JobSummary:
     """Edit this process's rows into `out`; collective (every process calls it with the same
     arguments). rows: all valid rows (each process takes its own), or with `rows_are_local` this
-    process's already (tfds_rows). bad: rows found bad while reading; reported by process 0."""
+    process's already (tfds_rows). bad: rows found bad while reading; reported by process 0.
+    text_scale None: the model's default (EditPipeline.default_text_scale)."""
+    text_scale = pipe.default_text_scale if text_scale is None else text_scale
     check_request(steps=steps, text_scale=text_scale, image_scale=image_scale)
     pipe.plan(sampler, steps, schedule)
     p, count = jax.process_index(), jax.process_count()

@@ -39,6 +39,8 @@ from ip2p_jax.weights.diffusers_folder import check_text_conditioning
 
 log = logging.getLogger(__name__)
 
+TEXT_SCALE = 7.5                   # default text guidance: the authors' (SD), and diffusers' SD pipeline
+SDXL_TEXT_SCALE = 5.0              # diffusers' StableDiffusionXLInstructPix2PixPipeline default
 RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
 RANDOM_IMAGE_SCALE = (1.2, 1.8)
 PER_DEVICE_BATCH = 8               # default edits per device in one compiled call (GPU, TPU)
@@ -301,6 +303,12 @@ class EditPipeline:
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     @property
+    def default_text_scale(self) -> float:
+        """The text guidance scale an edit uses unless told: 5.0 for SDXL editors (diffusers' SDXL
+        pipeline), else 7.5 (the authors')."""
+        return SDXL_TEXT_SCALE if self.is_sdxl else TEXT_SCALE
+
+    @property
     def default_sampler(self) -> str:
         """The sampler edits use when none is given: euler_a, or edm_euler for an EDM model (CosXL)."""
         return samplers.default_sampler(self.training_schedule)
@@ -329,7 +337,8 @@ class EditPipeline:
         steps, sampler ("euler_a", "euler", "ddim", "dpmpp_2m"; "edm_euler" for EDM models such as
           CosXL; None: default_sampler), schedule (None: the sampler's default; see
           ip2p_jax.diffusion.samplers.make_plan).
-        text_scale, image_scale: numbers or one per image (a guidance sweep is one call).
+        text_scale, image_scale: numbers or one per image (a guidance sweep is one call); text_scale
+          None: default_text_scale (7.5; 5.0 for SDXL).
         randomize_scales: draw text scale in U[6, 9] and image scale in U[1.2, 1.8] per image.
         seed: None (random, reported), an int (output i gets seed + i) or one per image (sample k
           of image j gets seed[j] + k). An output's noise depends only on its seed.
@@ -350,7 +359,7 @@ class EditPipeline:
                       key=lambda o: o.settings["index"])
         return EditResult(outs)
 
-    def iter_edit(self, images, instructions, *, steps: int = 100, text_scale=7.5, image_scale=1.5,
+    def iter_edit(self, images, instructions, *, steps: int = 100, text_scale=None, image_scale=1.5,
                   sampler: str | None = None, schedule: str | None = None, seed=None, latents=None,
                   num_samples: int = 1, resolution: int | None = None, resize: str = "authors",
                   randomize_scales: bool = False, batch_size: int | None = None, names=None,
@@ -358,6 +367,9 @@ class EditPipeline:
                   mask=None, mask_blur: float = 0.0, mask_composite: bool = True,
                   guidance_rescale: float = 0.0, progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
+        default = self.default_text_scale   # None, alone or in a per-image list: the model's default
+        text_scale = default if text_scale is None else (
+            [default if v is None else v for v in text_scale] if isinstance(text_scale, (list, tuple)) else text_scale)
         check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
                       image_scale=image_scale, guidance_rescale=guidance_rescale)
         sampler = sampler or self.default_sampler
@@ -845,10 +857,11 @@ def random_scales(seed: int, n: int) -> tuple[list[float], list[float]]:
             [round(float(v), 3) for v in rng.uniform(*RANDOM_IMAGE_SCALE, n)])
 
 
-def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=7.5,
+def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=TEXT_SCALE,
                   image_scale=1.5, guidance_rescale=0.0) -> None:
     """EditError (naming the setting and its flag) unless every setting is within the request
-    limits above. Cheap: callers run it before any planning, loading or compiling."""
+    limits above (a scale of None, or None in a list of them: the model's default, not checked).
+    Cheap: callers run it before any planning, loading or compiling."""
     def count(value, name, limit):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= limit:
             raise EditError(f"{name} / --{name.replace('_', '-')} must be an integer from 1 to {limit}, "
@@ -860,7 +873,8 @@ def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None,
         count(batch_size, "batch_size", MAX_BATCH_SIZE)
     for name, value in (("text_scale", text_scale), ("image_scale", image_scale)):
         try:
-            scales = np.asarray(value, dtype=np.float64)
+            scales = np.asarray([v for v in np.ravel(np.asarray(value, dtype=object)) if v is not None],
+                                dtype=np.float64)
         except (TypeError, ValueError):
             scales = np.array(np.nan)
         if not np.all(np.isfinite(scales)) or np.any(np.abs(scales) > MAX_SCALE):

@@ -174,6 +174,7 @@ def test_the_ui_queue_is_bounded(tmp_path):
     class FakePipe:
         native_resolution = 64
         default_sampler = "euler_a"
+        default_text_scale = 7.5
 
     limits = app.Limits.for_model(64, 20, queue_size=3, concurrency=2)
     ui = app.build_ui(FakePipe(), limits, steps_default=20, out_root=str(tmp_path))

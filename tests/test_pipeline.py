@@ -198,6 +198,9 @@ def test_bad_requests_are_clear(pipe):
         pipe.edit(img, "a", text_scale=[1, 2], progress=False)
     with pytest.raises(ValueError, match="seeds must lie in"):
         pipe.edit(img, "a", seed=-1, progress=False)
+    assert pipe.default_text_scale == 7.5   # an SD editor's (SDXL: test_sdxl_pipeline)
+    with pytest.raises(ValueError, match="text_scale / --text-scale must be finite"):
+        pipe.edit(img, "a", text_scale="high", progress=False)
     with pytest.raises(ValueError, match="not an image"):
         pipe.edit(np.zeros((4, 4, 7)), "a", progress=False)
 

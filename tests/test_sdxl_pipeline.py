@@ -204,10 +204,11 @@ def test_cli_edits_an_sdxl_folder(sdxl_dir, tmp_path):
     fx.sample_images(1)[0].save(img)
     out = tmp_path / "out"
     code = cli.main(["edit", "--model", sdxl_dir, "--image", str(img), "--instruction", fx.INSTRUCTION, "--out",
-                     str(out), "--steps", "2", "--sampler", "euler", "--resize", "keep", "--text-scale", "5",
+                     str(out), "--steps", "2", "--sampler", "euler", "--resize", "keep",
                      "--guidance-rescale", "0.7", "--seed", "1", "--dtype", "fp32", "--quiet"])
     assert code == 0
     side = json.load(open(next(p for p in out.iterdir() if p.suffix == ".json")))
+    # no --text-scale: an SDXL editor's default is diffusers' 5.0, not SD's 7.5
     assert side["guidance_rescale"] == 0.7 and side["text_scale"] == 5.0
     assert cli.main(["edit", "--model", sdxl_dir, "--image", str(img), "--instruction", "x", "--out",
                      str(tmp_path / "bad"), "--guidance-rescale", "2", "--quiet"]) == 2

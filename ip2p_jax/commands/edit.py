@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "pytorch_lora_weights.safetensors) at SCALE (default 1); repeat for several")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampler steps (default: {DEFAULT_STEPS}; {DEMO_STEPS} for the demo model)")
-    p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale")
+    p.add_argument("--text-scale", type=float, default=None,
+                   help="text guidance scale (default: the model's, 7.5; 5.0 for SDXL editors)")
     p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="0..1: pull the guided prediction's std toward the instruction branch's (diffusers' "
