@@ -1,13 +1,15 @@
-"""The Pallas attention on a device mesh runs per batch shard (shard_map), so XLA does not gather the
-whole batch onto every chip: results equal one device (interpret mode, forward and gradients, the
-edit's ('data',) mesh and training's ('data', 'fsdp') mesh, a batch that does not divide), and a
-TPU export of a sharded edit and of the FSDP train step holds the kernel inside a manual
-computation over the batch shard. Runs as a 4-CPU-device worker (this file as a script)."""
+"""The Pallas attention on a device mesh runs per batch shard (shard_map; XLA cannot partition the
+kernel): results equal one device (interpret mode, forward and gradients, the edit's ('data',) mesh
+and training's ('data', 'fsdp') mesh, a batch that does not divide; the whole edit on 4 devices of
+one process and of two processes), and a TPU export of a sharded edit and of the FSDP train step
+holds the kernel inside a manual computation. Workers: this file as a script, on 4 CPU devices,
+and as two gloo processes of 2 devices each."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -20,7 +22,9 @@ def result(tmp_path_factory):
     from edit_fixtures import tiny_model_dir
     from train_helpers import worker_result
     out = str(tmp_path_factory.mktemp("sharded_attention") / "result.json")
-    return worker_result(__file__, [tiny_model_dir(tmp_path_factory), out], out, devices=4, timeout=600)
+    res = worker_result(__file__, [tiny_model_dir(tmp_path_factory), out], out, devices=4, timeout=600)
+    res["dir"] = os.path.dirname(out)
+    return res
 
 
 def test_sharded_kernel_equals_one_device(result):
@@ -35,6 +39,19 @@ def test_sharded_kernel_equals_one_device(result):
 def test_sharded_edit_equals_one_device(result):
     assert result["edit_4_vs_1"] < 1e-5
     assert result["edit_other_seed"] > 1e-3   # negative control: the comparison sees a changed edit
+
+
+def test_two_processes_edit_as_one_device(result, tmp_path_factory):
+    import numpy as np
+    from edit_fixtures import tiny_model_dir
+    from train_helpers import finish, free_port, subprocess_env
+    port, out = free_port(), os.path.join(result["dir"], "two_processes.npy")
+    procs = [subprocess.Popen([sys.executable, __file__, "--process", str(i), str(port),
+                               tiny_model_dir(tmp_path_factory), out], env=subprocess_env(devices=2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    finish(procs, timeout=600)
+    one = np.load(os.path.join(result["dir"], "one_device.npy"))
+    assert np.abs(np.load(out) - one).max() < 1e-5
 
 
 def test_tpu_exports_run_the_kernel_per_shard(result):
@@ -56,7 +73,35 @@ def test_region_check_has_teeth():
     assert "tpu_custom_call" in mlir and not _kernel_in_manual_computation(mlir)
 
 
-# ---------------------------------------------------------------------------------------- worker
+# ---------------------------------------------------------------------------------------- workers
+
+EDIT = dict(steps=2, seed=5, progress=False)
+
+
+def _edit(pipe, images, **kw):
+    import numpy as np
+    from edit_fixtures import INSTRUCTION
+    return np.stack(pipe.edit(images, [INSTRUCTION] * len(images), batch_size=4, **kw).arrays)
+
+
+def _process_worker(index: int, port: int, model_dir: str, out: str) -> None:
+    """One of two processes (2 devices each): the Pallas edit on the global 4-device mesh."""
+    import jax
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, index)
+    sys.path.insert(0, HERE)
+    import edit_fixtures as fx
+    from ip2p_jax.models import pallas_attention
+    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.weights import load
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    pipe = EditPipeline(load(model_dir, dtype=np.float32), dtype="fp32", attention_impl="pallas")
+    with pallas_attention.interpret():
+        arrays = _edit(pipe, fx.sample_images(4), **EDIT)
+    if index == 0:
+        np.save(out, arrays)
+
 
 def _kernel_in_manual_computation(mlir: str) -> bool:
     """Whether the module's tpu_custom_calls are all reached from inside an sdy.manual_computation
@@ -144,14 +189,15 @@ def _worker(model_dir: str, out: str) -> None:
         # the whole edit, Pallas attention everywhere, on 4 devices and on 1
         components = load(model_dir, dtype=np.float32)
         images = fx.sample_images(4)
-        kw = dict(steps=2, seed=5, resolution=None, progress=False)
+        kw = EDIT
         edits = {}
         for n in (4, 1):
             pipe = EditPipeline(components, dtype="fp32", attention_impl="pallas",
                                 mesh=sharding.data_mesh(jax.devices()[:n]))
-            edits[n] = np.stack(pipe.edit(images, [fx.INSTRUCTION] * 4, batch_size=4, **kw).arrays)
-        other_seed = np.stack(pipe.edit(images, [fx.INSTRUCTION] * 4, batch_size=4, **{**kw, "seed": 6}).arrays)
+            edits[n] = _edit(pipe, images, **kw)
+        other_seed = _edit(pipe, images, **{**kw, "seed": 6})
         res["edit_4_vs_1"] = float(np.abs(edits[4] - edits[1]).max())
+        np.save(os.path.join(os.path.dirname(out), "one_device.npy"), edits[1])
         res["edit_other_seed"] = float(np.abs(other_seed - edits[1]).max())
 
     tpu = {}
@@ -206,4 +252,7 @@ def _train_step_kernel_sharded(components) -> bool:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--process":
+        _process_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    else:
+        _worker(sys.argv[1], sys.argv[2])
