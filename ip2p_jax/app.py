@@ -32,7 +32,7 @@ from ip2p_jax import images, masks
 from ip2p_jax.commands.edit import sidecar, sweep_grid, write_result
 from ip2p_jax.diffusion import SAMPLERS
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.pipeline import MAX_NUM_SAMPLES, MAX_STEPS, SEED_LIMIT, check_request
+from ip2p_jax.edit_request import MAX_NUM_SAMPLES, MAX_STEPS, SEED_LIMIT, check_request
 
 log = logging.getLogger(__name__)
 

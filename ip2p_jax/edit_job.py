@@ -37,7 +37,8 @@ from ip2p_jax import files
 from ip2p_jax import images as imlib
 from ip2p_jax import jsonl
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.pipeline import MAX_SCALE, EditPipeline, check_request
+from ip2p_jax.edit_request import MAX_SCALE, check_request
+from ip2p_jax.pipeline import EditPipeline
 from ip2p_jax.progress import progress
 
 log = logging.getLogger(__name__)

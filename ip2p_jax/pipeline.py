@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -29,7 +28,8 @@ from ip2p_jax import adapters, dtypes, masks, placement, sharding, turns as turn
 from ip2p_jax import images as imlib
 from ip2p_jax.diffusion import guidance, masking, samplers
 from ip2p_jax.diffusion.schedules import ScheduleError, noise_schedule_from_config
-from ip2p_jax.errors import Ip2pError
+from ip2p_jax.edit_request import (SDXL_TEXT_SCALE, TEXT_SCALE, EditError, check_request, output_seeds, per_item,
+                                   random_scales)
 from ip2p_jax.models.unet import step_embeddings
 from ip2p_jax.progress import progress as progress_bar
 from ip2p_jax.tokenizer import MAX_LENGTH
@@ -39,27 +39,12 @@ from ip2p_jax.weights.diffusers_folder import check_text_conditioning
 
 log = logging.getLogger(__name__)
 
-TEXT_SCALE = 7.5                   # default text guidance: the authors' (SD), and diffusers' SD pipeline
-SDXL_TEXT_SCALE = 5.0              # diffusers' StableDiffusionXLInstructPix2PixPipeline default
-RANDOM_TEXT_SCALE = (6.0, 9.0)     # the authors' app, "randomize CFG"
-RANDOM_IMAGE_SCALE = (1.2, 1.8)
 PER_DEVICE_BATCH = 8               # default edits per device in one compiled call (GPU, TPU)
 # On CPU devices per-image cost grows past 2 rows per device (demo model, 2 cores, 16 images:
 # 11.1 img/s at 2 per device, 10.3 at 4, 6.3 at 8), so larger requests become several calls there,
 # each dispatched before the previous one is collected.
 CPU_PER_DEVICE_BATCH = 2
-SEED_LIMIT = 2 ** 32
 FALLBACK_RESOLUTION = 512          # models whose UNet config gives no sample_size
-# Request limits, applied alike to the API, `ip2p edit` and the web UI (one request can neither
-# exhaust the host nor write garbage). Pixel budgets: ip2p_jax.images (max_pixels, max_edit_pixels).
-MAX_STEPS = 1000                   # the training timesteps: more sampler steps than that mean nothing
-MAX_NUM_SAMPLES = 256              # outputs per image in one request
-MAX_BATCH_SIZE = 4096              # edits per compiled call
-MAX_SCALE = 100.0                  # |text_scale|, |image_scale|; NaN and inf are refused
-
-
-class EditError(Ip2pError):
-    """A model that cannot edit, or an edit request that cannot be run; the message says why."""
 
 
 @dataclasses.dataclass
@@ -674,7 +659,7 @@ class EditPipeline:
             raise EditError(f"{len(mask_list)} masks for {n} images (give one mask, or one per image; None: unmasked)")
         blur = masks.check_blur(mask_blur) if any(m is not None for m in mask_list) else 0.0
         seeds = output_seeds(seed, n, num_samples)
-        t_scales, i_scales = _per_item(text_scale, n, "text_scale"), _per_item(image_scale, n, "image_scale")
+        t_scales, i_scales = per_item(text_scale, n, "text_scale"), per_item(image_scale, n, "image_scale")
         if randomize_scales:
             t_scales, i_scales = random_scales(seeds[0][0], n)
 
@@ -830,65 +815,3 @@ def _resized_input(src, name: str, *, resize: str, resolution: int, max_pixels: 
     imlib.check_pixels(rgb.size, max_pixels, name=name)
     return rgb.size, imlib.resize_for_edit(rgb, mode=resize, resolution=resolution, name=name,
                                            max_edit_pixels=max_edit_pixels)
-
-
-def output_seeds(seed, n: int, num_samples: int) -> list[list[int]]:
-    """seeds[j][k] for sample k of image j: None -> a random base; an int s -> s + output index;
-    one int per image s_j -> s_j + k."""
-    if seed is None or np.ndim(seed) == 0:
-        base = secrets.randbelow(2 ** 31) if seed is None else int(seed)
-        seeds = [[base + j * num_samples + k for k in range(num_samples)] for j in range(n)]
-    else:
-        per = [int(s) for s in seed]
-        if len(per) != n:
-            raise EditError(f"{len(per)} seeds for {n} images (give one int, or one per image)")
-        seeds = [[s + k for k in range(num_samples)] for s in per]
-    flat = [s for row in seeds for s in row]
-    if min(flat) < 0 or max(flat) >= SEED_LIMIT:
-        raise EditError(f"seeds must lie in [0, 2**32); got {min(flat)}..{max(flat)}")
-    return seeds
-
-
-def random_scales(seed: int, n: int) -> tuple[list[float], list[float]]:
-    """`randomize_scales`: n text scales in U[6, 9] and n image scales in U[1.2, 1.8] from `seed`
-    (the first output's seed of the request)."""
-    rng = np.random.default_rng(seed)
-    return ([round(float(v), 3) for v in rng.uniform(*RANDOM_TEXT_SCALE, n)],
-            [round(float(v), 3) for v in rng.uniform(*RANDOM_IMAGE_SCALE, n)])
-
-
-def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None, text_scale=TEXT_SCALE,
-                  image_scale=1.5, guidance_rescale=0.0) -> None:
-    """EditError (naming the setting and its flag) unless every setting is within the request
-    limits above (a scale of None, or None in a list of them: the model's default, not checked).
-    Cheap: callers run it before any planning, loading or compiling."""
-    def count(value, name, limit):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= limit:
-            raise EditError(f"{name} / --{name.replace('_', '-')} must be an integer from 1 to {limit}, "
-                            f"got {value!r}")
-
-    count(steps, "steps", MAX_STEPS)
-    count(num_samples, "num_samples", MAX_NUM_SAMPLES)
-    if batch_size is not None:
-        count(batch_size, "batch_size", MAX_BATCH_SIZE)
-    for name, value in (("text_scale", text_scale), ("image_scale", image_scale)):
-        try:
-            scales = np.asarray([v for v in np.ravel(np.asarray(value, dtype=object)) if v is not None],
-                                dtype=np.float64)
-        except (TypeError, ValueError):
-            scales = np.array(np.nan)
-        if not np.all(np.isfinite(scales)) or np.any(np.abs(scales) > MAX_SCALE):
-            raise EditError(f"{name} / --{name.replace('_', '-')} must be finite numbers with "
-                            f"|value| <= {MAX_SCALE:g}, got {value!r}")
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating)) \
-            or not 0.0 <= guidance_rescale <= 1.0:
-        raise EditError(f"guidance_rescale / --guidance-rescale must be a number from 0 to 1, got {guidance_rescale!r}")
-
-
-def _per_item(value, n: int, name: str) -> list[float]:
-    if np.ndim(value) == 0:
-        return [float(value)] * n
-    vals = [float(v) for v in value]
-    if len(vals) != n:
-        raise EditError(f"{name}: {len(vals)} values for {n} images (give one number, or one per image)")
-    return vals

@@ -11,7 +11,8 @@ import logging
 
 from ip2p_jax import app, images
 from ip2p_jax.commands.edit import DEMO_STEPS, choose_model, default_steps
-from ip2p_jax.pipeline import MAX_STEPS, EditPipeline
+from ip2p_jax.edit_request import MAX_STEPS
+from ip2p_jax.pipeline import EditPipeline
 
 log = logging.getLogger(__name__)
 

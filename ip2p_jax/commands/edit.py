@@ -26,7 +26,8 @@ from ip2p_jax import turns as turnlib
 from ip2p_jax.commands import distributed
 from ip2p_jax.diffusion import check_names
 from ip2p_jax.errors import Ip2pError
-from ip2p_jax.pipeline import PER_DEVICE_BATCH, EditPipeline, check_request, output_seeds, random_scales
+from ip2p_jax.edit_request import check_request, output_seeds, random_scales
+from ip2p_jax.pipeline import PER_DEVICE_BATCH, EditPipeline
 from ip2p_jax.progress import progress
 from ip2p_jax.weights.lora import parse_lora_arg, read_lora
 
