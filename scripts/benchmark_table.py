@@ -26,6 +26,15 @@ def fmt(x, digits=2):
     return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def table_row(name, ours, peer, peer_cells, rate: str) -> str:
+    """One markdown row: name, our rate, the peer's rate cells, ours / peer, both MFUs and peak memories."""
+    ratio = ours[rate] / peer[rate] if ours and peer else None
+    get = lambda r, k: r and r.get(k)  # noqa: E731
+    cells = [name, fmt(get(ours, rate)), *peer_cells, f"{fmt(ratio)}×", fmt(get(ours, "mfu"), 3),
+             fmt(get(peer, "mfu"), 3), fmt(get(ours, "peak_mem_gib")), fmt(get(peer, "peak_mem_gib"))]
+    return "| " + " | ".join(cells) + " |"
+
+
 def edit_table(rows) -> list[str]:
     """One row per batch, plus one per variant of ours (benchmark_edit --label, e.g. other XLA flags)."""
     edits = [r for r in rows if "images_per_s" in r]
@@ -43,11 +52,8 @@ def edit_table(rows) -> list[str]:
             if ours is None and label != "ip2p_jax":
                 continue
             name = str(b) if label == "ip2p_jax" else f"{b} ({label.removeprefix('ip2p_jax').strip()})"
-            ratio = ours["images_per_s"] / best["images_per_s"] if ours and best else None
-            out.append(f"| {name} | {fmt(ours and ours['images_per_s'])} | {fmt(eager and eager['images_per_s'])} "
-                       f"| {fmt(comp and comp['images_per_s'])} | {fmt(ratio)}× | {fmt(ours and ours.get('mfu'), 3)} "
-                       f"| {fmt(best and best.get('mfu'), 3)} | {fmt(ours and ours.get('peak_mem_gib'))} "
-                       f"| {fmt(best and best.get('peak_mem_gib'))} |")
+            peer_cells = [fmt(eager and eager["images_per_s"]), fmt(comp and comp["images_per_s"])]
+            out.append(table_row(name, ours, best, peer_cells, "images_per_s"))
     return out
 
 
@@ -61,11 +67,8 @@ def train_table(rows) -> list[str]:
         cached = next((r for r in trains if r["batch"] == b and r.get("bench") == "ip2p_jax-train"
                        and r.get("cached")), None)
         peer = next((r for r in trains if r["batch"] == b and str(r.get("bench")).startswith("diffusers")), None)
-        ratio = live["examples_per_s"] / peer["examples_per_s"] if live and peer else None
-        out.append(f"| {b} | {fmt(live and live['examples_per_s'])} | {fmt(cached and cached['examples_per_s'])} "
-                   f"| {fmt(peer and peer['examples_per_s'])} | {fmt(ratio)}× | {fmt(live and live.get('mfu'), 3)} "
-                   f"| {fmt(peer and peer.get('mfu'), 3)} | {fmt(live and live.get('peak_mem_gib'))} "
-                   f"| {fmt(peer and peer.get('peak_mem_gib'))} |")
+        peer_cells = [fmt(cached and cached["examples_per_s"]), fmt(peer and peer["examples_per_s"])]
+        out.append(table_row(str(b), live, peer, peer_cells, "examples_per_s"))
     return out
 
 
