@@ -80,11 +80,12 @@ def check_request(*, steps, num_samples: int = 1, batch_size: int | None = None,
         raise EditError(f"guidance_rescale / --guidance-rescale must be a number from 0 to 1, got {guidance_rescale!r}")
 
 
-def per_item(value, n: int, name: str) -> list[float]:
-    """A scale given once or per image -> one float per image (EditError on a count mismatch)."""
+def per_item(value, n: int, name: str, default: float | None = None) -> list[float]:
+    """A scale given once or per image -> one float per image (EditError on a count mismatch);
+    None, alone or in the list, is `default` (the model's, for text_scale)."""
     if np.ndim(value) == 0:
-        return [float(value)] * n
-    vals = [float(v) for v in value]
+        value = [value] * n
+    vals = [float(default if v is None else v) for v in value]
     if len(vals) != n:
         raise EditError(f"{name}: {len(vals)} values for {n} images (give one number, or one per image)")
     return vals

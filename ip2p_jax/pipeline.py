@@ -352,9 +352,6 @@ class EditPipeline:
                   mask=None, mask_blur: float = 0.0, mask_composite: bool = True,
                   guidance_rescale: float = 0.0, progress: bool = False) -> Iterator[EditOutput]:
         """Like `edit`, yielding each output as soon as its batch is done (not necessarily in order)."""
-        default = self.default_text_scale   # None, alone or in a per-image list: the model's default
-        text_scale = default if text_scale is None else (
-            [default if v is None else v for v in text_scale] if isinstance(text_scale, (list, tuple)) else text_scale)
         check_request(steps=steps, num_samples=num_samples, batch_size=batch_size, text_scale=text_scale,
                       image_scale=image_scale, guidance_rescale=guidance_rescale)
         sampler = sampler or self.default_sampler
@@ -659,7 +656,8 @@ class EditPipeline:
             raise EditError(f"{len(mask_list)} masks for {n} images (give one mask, or one per image; None: unmasked)")
         blur = masks.check_blur(mask_blur) if any(m is not None for m in mask_list) else 0.0
         seeds = output_seeds(seed, n, num_samples)
-        t_scales, i_scales = per_item(text_scale, n, "text_scale"), per_item(image_scale, n, "image_scale")
+        t_scales = per_item(text_scale, n, "text_scale", default=self.default_text_scale)
+        i_scales = per_item(image_scale, n, "image_scale")
         if randomize_scales:
             t_scales, i_scales = random_scales(seeds[0][0], n)
 
