@@ -55,6 +55,15 @@ def ours(pipe) -> np.ndarray:
     return np.asarray(out.images[0], np.float64) / 255.0
 
 
+def _edit_with_lora(pipe, path) -> np.ndarray:
+    """ours() with the LoRA at `path` loaded; unloaded again after."""
+    name = pipe.load_lora(path)
+    try:
+        return ours(pipe)
+    finally:
+        pipe.unload_lora(name)
+
+
 def theirs(ref, pipe) -> np.ndarray:
     import torch
 
@@ -100,11 +109,7 @@ def test_our_export_loaded_by_diffusers(pipe, model_dir, our_lora, base_edit):
     ref = _reference(model_dir)
     ref.load_lora_weights(our_lora)
     want = theirs(ref, pipe)
-    name = pipe.load_lora(our_lora)
-    try:
-        got = ours(pipe)
-    finally:
-        pipe.unload_lora(name)
+    got = _edit_with_lora(pipe, our_lora)
     mx, mean = fx.max_mean_abs(got, want)
     assert mx <= TOL_MAX and mean <= TOL_MEAN, (mx, mean)
     assert fx.max_mean_abs(got, base_edit)[1] > 20 * TOL_MEAN   # negative control: the LoRA changed the edit
@@ -145,11 +150,7 @@ def test_peft_lora_loaded_by_us(pipe, model_dir, tmp_path, base_edit, conv):
     lora = lora_files.read_lora(folder)
     assert set(lora.factors["unet"].values()) == {0.5} and set(lora.factors["text_encoder"].values()) == {2.0}
     assert any(len(a) == 4 for a, _ in adapters.adapter_modules(lora.adapters["unet"]).values()) == conv
-    name = pipe.load_lora(folder)
-    try:
-        got = ours(pipe)
-    finally:
-        pipe.unload_lora(name)
+    got = _edit_with_lora(pipe, folder)
     mx, mean = fx.max_mean_abs(got, want)
     assert mx <= TOL_MAX and mean <= TOL_MEAN, (mx, mean)
     assert fx.max_mean_abs(got, base_edit)[1] > 20 * TOL_MEAN
